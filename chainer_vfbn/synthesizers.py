@@ -1,0 +1,212 @@
+"""Gradient synthesizers: maps ``(h, y) -> delta_hat``, standing in for
+``delta = d loss / d h`` (paper section 2, eq. 2).
+
+* :class:`JaderbergLinear` and :class:`JaderbergResNet`: ``g([h, y])`` (eq. 4 and 7,
+  appendix B.1), ``y`` as 10 constant one-hot maps concatenated to ``h``.
+* :class:`VFBN`: the true gradient of the cross-entropy through a virtual forward
+  network ``v_f`` (eq. 6), by automatic differentiation with the graph kept, so that
+  ``v_f`` is trained on eq. 3 by double backprop.
+* :class:`LinearVFBN` and :class:`MLPVFBN`: the closed forms of appendix A.2 (eq. 8
+  and 9) for a vector ``h``.
+
+Sign convention: every synthesizer returns the gradient of the *loss* (the batch-mean
+cross-entropy), ``W^T (softmax(W h) - y) / B`` for a linear ``v_f``; the paper prints
+eq. 8 and 9 with ``(y - softmax)``, the gradient of the log-likelihood, which is the
+same vector with the opposite sign.
+
+Every synthesizer also says how it is trained (:meth:`Synthesizer.loss`), in the units
+that SPEC section 3's scale choice gives it: ``scale`` is the running RMS ``s`` of the
+true delta, kept by the updater.
+"""
+import chainer
+import chainer.functions as F
+import chainer.links as L
+from chainer import initializers
+
+from chainer_vfbn import config
+
+
+def squared_error(a, b):
+    """Eq. 3 per example, averaged over the batch: ``sum((a - b)^2) / B``."""
+    return F.sum(F.square(a - b)) / a.shape[0]
+
+
+def label_maps(h, y, n_classes=config.N_CLASSES):
+    """``[h, y]``: h with the one-hot label broadcast to ``n_classes`` constant maps."""
+    xp = chainer.backend.get_array_module(h)
+    onehot = xp.eye(n_classes, dtype=h.dtype)[y]                 # (B, K)
+    maps = xp.broadcast_to(onehot[:, :, None, None],
+                           (h.shape[0], n_classes) + h.shape[2:])
+    return F.concat((h, maps), axis=1)
+
+
+class Synthesizer(chainer.Chain):
+    """Base of every synthesizer.
+
+    ``synth(h, y)`` returns the synthesizer's output ``out`` with the graph to its
+    parameters; :meth:`to_gradient` turns ``out`` into ``delta_hat`` given the
+    running RMS ``s`` of delta, and :meth:`loss` is eq. 3 in the synthesizer's units.
+    For VFBN ``out`` is ``delta_hat`` itself; Jaderberg models predict ``delta / s``.
+    """
+
+    def forward(self, h, y):
+        raise NotImplementedError
+
+    def to_gradient(self, out, scale):
+        """``delta_hat`` (an array) from the output ``out`` (an array)."""
+        return out
+
+    def loss(self, out, delta, scale):
+        """Eq. 3, ``||delta - delta_hat||^2`` (per example, batch mean)."""
+        return squared_error(out, delta)
+
+
+class _JaderbergBase(Synthesizer):
+    """Jaderberg synthesizers predict in units of ``s`` (SPEC section 3, scale
+    choice): ``delta_hat = s * g([h, y])``, and eq. 3's regression target is
+    ``delta / s``. With ``scaled=False`` they regress ``delta`` itself (the literal
+    setting, which diverges at the paper's alpha_gs; kept for the ablation)."""
+
+    def __init__(self, scaled=True):
+        super().__init__()
+        self.scaled = scaled
+
+    def forward(self, h, y):
+        return self.g(label_maps(h, y))
+
+    def to_gradient(self, out, scale):
+        return out * scale if self.scaled else out
+
+    def loss(self, out, delta, scale):
+        return squared_error(out, delta / scale if self.scaled else delta)
+
+
+class JaderbergLinear(_JaderbergBase):
+    """Table 1 "Jaderberg's Linear": ONE 5x5 convolution 74 -> 64 on ``[h, y]``,
+    initialised to zero (Jaderberg et al. 2016) so that ``delta_hat`` starts at 0."""
+
+    def __init__(self, h_channels=64, n_classes=config.N_CLASSES, scaled=True):
+        super().__init__(scaled)
+        with self.init_scope():
+            self.conv = L.Convolution2D(h_channels + n_classes, h_channels, 5, 1, 2,
+                                        initialW=initializers.Zero())
+
+    def g(self, hy):
+        return self.conv(hy)
+
+
+class _ConvBNReLU(chainer.Chain):
+    def __init__(self, in_ch, out_ch):
+        super().__init__()
+        with self.init_scope():
+            self.conv = L.Convolution2D(in_ch, out_ch, 3, 1, 1, nobias=True,
+                                        initialW=initializers.HeNormal())
+            self.bn = L.BatchNormalization(out_ch)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class _SkipPair(chainer.Chain):
+    """Two conv-BN-ReLU layers with a skip connection around them (appendix B.1:
+    "the skip connection occurs every 2 layers")."""
+
+    def __init__(self, ch):
+        super().__init__()
+        with self.init_scope():
+            self.a = _ConvBNReLU(ch, ch)
+            self.b = _ConvBNReLU(ch, ch)
+
+    def forward(self, x):
+        return self.b(self.a(x)) + x
+
+
+class JaderbergResNet(_JaderbergBase):
+    """Table 1 "Jaderberg's small-ResNet" (appendix B.1): conv 3x3 74 -> 64 + BN +
+    ReLU, two skip pairs of conv 3x3 64 -> 64 + BN + ReLU, then a last conv 3x3
+    64 -> 64 with no BN and no ReLU, initialised to zero."""
+
+    def __init__(self, h_channels=64, n_classes=config.N_CLASSES, width=64, scaled=True):
+        super().__init__(scaled)
+        with self.init_scope():
+            self.stem = _ConvBNReLU(h_channels + n_classes, width)
+            self.res1 = _SkipPair(width)
+            self.res2 = _SkipPair(width)
+            self.out = L.Convolution2D(width, h_channels, 3, 1, 1,
+                                       initialW=initializers.Zero())
+
+    def g(self, hy):
+        return self.out(self.res2(self.res1(self.stem(hy))))
+
+
+class VirtualForward(chainer.Chain):
+    """``v_f`` of the paper's VFBN (appendix B.1): two skip pairs of conv 3x3
+    (conv-BN-ReLU, 4 convs in all), global average pooling, linear -> logits.
+    The same architecture is the head of the "bottom half" and "layer-wise" rows."""
+
+    def __init__(self, channels=64, n_classes=config.N_CLASSES):
+        super().__init__()
+        with self.init_scope():
+            self.res1 = _SkipPair(channels)
+            self.res2 = _SkipPair(channels)
+            self.fc = L.Linear(channels, n_classes)
+
+    def forward(self, h):
+        return self.fc(F.average(self.res2(self.res1(h)), axis=(2, 3)))
+
+
+def loss_gradient(v_f, h, y):
+    """``d CE(y, v_f(h)) / d h`` (eq. 6) for a batch-mean cross-entropy, as a
+    Variable whose graph reaches ``v_f``'s parameters (double backprop)."""
+    if not isinstance(h, chainer.Variable) or not h.requires_grad:
+        h = chainer.Variable(h.array if isinstance(h, chainer.Variable) else h)
+    loss = F.softmax_cross_entropy(v_f(h), y, enable_double_backprop=True)
+    delta_hat, = chainer.grad([loss], [h], enable_double_backprop=True)
+    return delta_hat
+
+
+class VFBN(Synthesizer):
+    """Virtual forward-backward network (eq. 6): ``delta_hat = v_f'(h) x dCE/dv_f``.
+
+    ``v_f``'s batch normalisation always uses batch statistics (SPEC section 3):
+    v_f only produces gradients during training. ``normalized_loss`` divides eq. 3
+    by ``s^2`` (an ablation switch; off by default)."""
+
+    def __init__(self, v_f, normalized_loss=False):
+        super().__init__()
+        self.normalized_loss = normalized_loss
+        with self.init_scope():
+            self.v_f = v_f
+
+    def forward(self, h, y):
+        with chainer.using_config('train', True):
+            return loss_gradient(self.v_f, h, y)
+
+    def loss(self, out, delta, scale):
+        e = squared_error(out, delta)
+        return e / (scale * scale) if self.normalized_loss else e
+
+
+class LinearVFBN(VFBN):
+    """VFBN with a linear ``v_f(h) = W h`` for a vector ``h`` (eq. 8)."""
+
+    def __init__(self, in_size, n_classes=config.N_CLASSES, **kwargs):
+        super().__init__(L.Linear(in_size, n_classes, nobias=True), **kwargs)
+
+class _OneHidden(chainer.Chain):
+    def __init__(self, in_size, hidden, n_classes, activation):
+        super().__init__()
+        self.activation = activation
+        with self.init_scope():
+            self.l1 = L.Linear(in_size, hidden, nobias=True)
+            self.l2 = L.Linear(hidden, n_classes, nobias=True)
+
+    def forward(self, h):
+        return self.l2(self.activation(self.l1(h)))
+
+
+class MLPVFBN(VFBN):
+    """VFBN with one hidden layer ``v_f(h) = W2 f(W1 h)`` (eq. 9), ``f = tanh``."""
+
+    def __init__(self, in_size, hidden, n_classes=config.N_CLASSES, **kwargs):
+        super().__init__(_OneHidden(in_size, hidden, n_classes, F.tanh), **kwargs)

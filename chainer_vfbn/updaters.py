@@ -1,0 +1,247 @@
+"""Updaters that train a network in two halves (SPEC section 4).
+
+:class:`DecoupledUpdater` is the paper's synthetic-gradient training, in the
+synchronous form of its footnote 1. One iteration:
+
+1. ``h = lower(x)``, keeping the graph;
+2. ``delta_hat = synthesizer(h, y)`` on a detached copy of h; ``h.grad = delta_hat``;
+   ``h.backward()``; update the lower half;
+3. forward the upper half from a fresh Variable on h's array, take the task loss,
+   backward, update the upper half; ``delta`` is the gradient that reached that
+   Variable;
+4. train the synthesizer on eq. 3, ``||delta - delta_hat||^2``, reusing step 2's graph
+   (the synthesizer has not changed since), unless its learning rate is 0.
+
+:class:`LayerwiseUpdater` is Table 1's "layer-wise supervised loss": step 2's gradient
+comes from an auxiliary head's own cross-entropy, and the head is trained on that
+loss together with the lower half.
+
+Both work for any lower chain, upper chain and synthesizer. Every trained network is
+the target of one of the updater's optimizers, so snapshots hold all of them.
+
+Report keys: ``main/loss`` and ``main/accuracy`` (the task loss of the upper half),
+``synth/loss`` (eq. 3) or ``head/loss`` (the auxiliary loss), and every
+``diag_interval`` iterations the gradient-fidelity diagnostics ``synth/cosine``
+(cosine between delta_hat and delta over the batch), ``synth/rel_error``
+(``|delta_hat - delta| / |delta|``), ``synth/norm_delta``, ``synth/norm_delta_hat``,
+``synth/scale`` (the running RMS of delta) and ``lower/h_rms``.
+"""
+import chainer
+import chainer.functions as F
+from chainer import backend
+from chainer.training import StandardUpdater
+
+from chainer_vfbn import config
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN or an infinity; the message names what and when."""
+
+
+@chainer.dataset.converter()
+def to_device(batch, device):
+    """Converter for batches that :class:`chainer_vfbn.data.BatchIterator` already
+    stacked into ``(x, t)`` arrays: send both to the device."""
+    x, t = batch
+    return device.send(x), device.send(t)
+
+
+def check_finite(method, iteration, **arrays):
+    """Raise :class:`NonFiniteError` naming each array with a NaN or an inf.
+
+    One host synchronisation: the arrays' sums are added up first (any NaN or inf
+    makes the total non-finite), and only then inspected one by one."""
+    xp = backend.get_array_module(*arrays.values())
+    total = sum(a.sum(dtype=xp.float64) for a in arrays.values())
+    if bool(xp.isfinite(total)):
+        return
+    bad = [name for name, a in arrays.items() if not bool(xp.isfinite(a).all())]
+    raise NonFiniteError('%s diverged at iteration %d: %s became non-finite'
+                         % (method, iteration, ', '.join(bad) or 'a sum'))
+
+
+class SplitUpdater(StandardUpdater):
+    """Trains ``lower`` with a gradient at h supplied by :meth:`lower_gradient` and
+    ``upper`` by backprop of the task loss from a detached h.
+
+    Args:
+        iterator: yields ``(x, t)`` batches.
+        optimizers (dict): ``'lower'`` and ``'upper'`` (targets: the two halves), plus
+            whatever the subclass names.
+        method (str): name used in error messages.
+        diag_interval (int): report the gradient-fidelity diagnostics every this many
+            iterations (0: never).
+    """
+
+    def __init__(self, iterator, optimizers, device=None, method='split',
+                 diag_interval=1, delta_rms_decay=config.DELTA_RMS_DECAY):
+        super().__init__(iterator, optimizers, converter=to_device, device=device)
+        self.method = method
+        self.diag_interval = diag_interval
+        self.delta_rms_decay = delta_rms_decay
+        self.delta_ms = None  # running mean of delta^2 (SPEC section 3, scale s)
+
+    @property
+    def lower(self):
+        return self.get_optimizer('lower').target
+
+    @property
+    def upper(self):
+        return self.get_optimizer('upper').target
+
+    @property
+    def scale(self):
+        """``s``, the running RMS of the true delta (1 before the first delta)."""
+        if self.delta_ms is None:
+            return 1.0
+        return backend.get_array_module(self.delta_ms).sqrt(self.delta_ms)
+
+    # -- the three steps -----------------------------------------------------
+    def lower_gradient(self, h, t):
+        """The gradient to send into the lower half at h (an array)."""
+        raise NotImplementedError
+
+    def after_upper(self, delta, t):
+        """Called with the true delta once the upper half has been updated."""
+
+    def update_core(self):
+        iterator = self.get_iterator('main')
+        x, t = self.converter(iterator.next(), self.device)
+
+        # 1-2. Lower half, driven by the gradient that stands in for delta.
+        h = self.lower(x)
+        delta_hat = self.lower_gradient(h.array, t)
+        check_finite(self.method, self.iteration + 1, h=h.array, delta_hat=delta_hat)
+        self.lower.cleargrads()
+        h.grad = delta_hat
+        h.backward()
+        self.get_optimizer('lower').update()
+
+        # 3. Upper half, by backprop from a detached h.
+        h_up = chainer.Variable(h.array)
+        logits = self.upper(h_up)
+        loss = F.softmax_cross_entropy(logits, t)
+        self.upper.cleargrads()
+        loss.backward()
+        self.get_optimizer('upper').update()
+        delta = h_up.grad
+        check_finite(self.method, self.iteration + 1, loss=loss.array, delta=delta)
+        chainer.report({'main/loss': loss, 'main/accuracy': F.accuracy(logits, t)})
+
+        ms = (delta * delta).mean()
+        if self.delta_ms is None:
+            self.delta_ms = ms
+        else:
+            self.delta_ms = self.delta_rms_decay * self.delta_ms + (1 - self.delta_rms_decay) * ms
+
+        # 4. Whatever trains the gradient's source.
+        self.after_upper(delta, t)
+
+        if self.diag_interval and (self.iteration + 1) % self.diag_interval == 0:
+            report_fidelity(delta_hat, delta, h.array, self.scale)
+
+        if iterator.is_new_epoch:
+            for optimizer in self.get_all_optimizers().values():
+                optimizer.new_epoch(auto=True)
+
+    def serialize(self, serializer):
+        super().serialize(serializer)
+        if isinstance(serializer, chainer.serializer.Serializer):  # saving
+            ms = -1.0 if self.delta_ms is None else float(self.delta_ms)
+            serializer('delta_ms', ms)
+        else:
+            ms = float(serializer('delta_ms', -1.0))
+            if ms >= 0:
+                xp = self.lower.xp
+                self.delta_ms = xp.asarray(ms, dtype=xp.float32)
+
+
+def report_fidelity(delta_hat, delta, h, scale):
+    """The gradient-fidelity diagnostics (synth/* keys) for one batch."""
+    xp = backend.get_array_module(delta)
+    d, dh = delta.ravel(), delta_hat.ravel()
+    norm_d, norm_dh = xp.linalg.norm(d), xp.linalg.norm(dh)
+    tiny = xp.finfo(d.dtype).tiny
+    chainer.report({
+        'synth/cosine': (d @ dh) / xp.maximum(norm_d * norm_dh, tiny),
+        'synth/rel_error': xp.linalg.norm(dh - d) / xp.maximum(norm_d, tiny),
+        'synth/norm_delta': norm_d,
+        'synth/norm_delta_hat': norm_dh,
+        'synth/scale': xp.asarray(scale, dtype=d.dtype),
+        'lower/h_rms': xp.sqrt((h * h).mean()),
+    })
+
+
+class DecoupledUpdater(SplitUpdater):
+    """Synthetic-gradient training (paper section 2-3, SPEC section 4).
+
+    ``optimizers['synth']`` trains the synthesizer on eq. 3; it is used only when
+    ``train_synth`` is true (``alpha_gs > 0``). With ``alpha_gs = 0`` the
+    synthesizer is never updated (VFBN keeps its random initial ``v_f``).
+    """
+
+    def __init__(self, iterator, optimizers, train_synth=True, **kwargs):
+        super().__init__(iterator, optimizers, **kwargs)
+        self.train_synth = train_synth
+        self._pending = None
+
+    @property
+    def synth(self):
+        return self.get_optimizer('synth').target
+
+    def lower_gradient(self, h, t):
+        out = self.synth(chainer.Variable(h), t)      # graph kept for eq. 3
+        scale = self.scale
+        self._pending = (out, scale)
+        return self.synth.to_gradient(out.array, scale)
+
+    def after_upper(self, delta, t):
+        out, scale = self._pending
+        self._pending = None
+        e = self.synth.loss(out, delta, self.scale)
+        chainer.report({'synth/loss': e})
+        check_finite(self.method, self.iteration + 1, synth_loss=e.array)
+        if self.train_synth:
+            self.synth.cleargrads()
+            e.backward()
+            self.get_optimizer('synth').update()
+
+
+class LayerwiseUpdater(SplitUpdater):
+    """Table 1 "layer-wise supervised loss": the lower half is trained through an
+    auxiliary head (``optimizers['head']``) with its own cross-entropy; the head is
+    updated together with the lower half; the upper half learns on the detached h."""
+
+    def lower_gradient(self, h, t):
+        h_in = chainer.Variable(h)
+        head = self.get_optimizer('head').target
+        aux = F.softmax_cross_entropy(head(h_in), t)
+        head.cleargrads()
+        aux.backward()
+        self.get_optimizer('head').update()
+        chainer.report({'head/loss': aux})
+        return h_in.grad
+
+
+class BackpropUpdater(StandardUpdater):
+    """End-to-end backprop of ``optimizers['main'].target`` (a network ``x ->
+    logits``) on the task loss, with the same report keys and non-finite watch as
+    the split updaters. Table 1's "BackProp" and "bottom half with back prop"."""
+
+    def __init__(self, iterator, optimizer, device=None, method='bp'):
+        super().__init__(iterator, optimizer, converter=to_device, device=device)
+        self.method = method
+
+    def update_core(self):
+        iterator = self.get_iterator('main')
+        x, t = self.converter(iterator.next(), self.device)
+        optimizer = self.get_optimizer('main')
+        logits = optimizer.target(x)
+        loss = F.softmax_cross_entropy(logits, t)
+        optimizer.target.cleargrads()
+        loss.backward()
+        optimizer.update()
+        check_finite(self.method, self.iteration + 1, loss=loss.array)
+        chainer.report({'main/loss': loss, 'main/accuracy': F.accuracy(logits, t)})
+        if iterator.is_new_epoch:
+            optimizer.new_epoch(auto=True)
