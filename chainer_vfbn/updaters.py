@@ -43,6 +43,8 @@ def to_device(batch, device):
     """Converter for batches that :class:`chainer_vfbn.data.BatchIterator` already
     stacked into ``(x, t)`` arrays: send both to the device."""
     x, t = batch
+    if device is None:
+        return x, t
     return device.send(x), device.send(t)
 
 

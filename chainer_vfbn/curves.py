@@ -1,0 +1,326 @@
+"""Learning curves from ``train.py`` run folders: the paper's Figure 3 and the
+gradient fidelity of the synthetic methods.
+
+Figure 3 of Miyato et al. (2017) plots the test error (%) of BP, Jaderberg's
+synthesizers and VFBN against the epochs of the 36x augmented set; the test error is
+the 36-view averaged one (appendix B.1, SPEC section 5). :func:`plot_error` draws it
+from the ``validation/main/error`` entries of each run's ``log``, one line per Table 1
+row (the label comes from the run's ``args.json`` through
+:func:`chainer_vfbn.methods.find_row`); several seeds of one row give their mean line
+and a min-max band. :func:`plot_fidelity` draws ``synth/cosine`` and
+``synth/rel_error`` (SPEC section 3: how well ``delta_hat`` matches the true
+``delta``) for the runs that log them.
+
+A diverged run's line ends at its last logged evaluation, with an ``x``, and its legend
+entry says so. :func:`load_run` is shared with :mod:`chainer_vfbn.table`.
+
+``python plot_curves.py RUN_DIR [RUN_DIR ...] --out PREFIX [--x epoch|examples]``
+writes ``PREFIX_error.{png,pdf}`` and ``PREFIX_fidelity.{png,pdf}``.
+"""
+import argparse
+import collections
+import json
+import os
+import sys
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from chainer_vfbn import config, methods
+
+EXIT_BAD_INPUT = 2
+
+DATASET_NAMES = {'cifar10': 'CIFAR-10', 'fashion-mnist': 'Fashion-MNIST'}
+TRAIN_SIZES = {'cifar10': 50000, 'fashion-mnist': 60000}  # images in each training set
+
+#: Colour and line style of each Table 1 row, by (method, alpha_gs) as in TABLE1:
+#: the paper's three contenders (BP, Jaderberg, VFBN) in strong colours, solid.
+STYLES = {
+    ('bp', None): ('black', '-'),
+    ('bottom', None): ('tab:gray', '--'),
+    ('layerwise', None): ('tab:olive', '-.'),
+    ('jaderberg-resnet', 1e-3): ('tab:orange', '-'),
+    ('jaderberg-linear', 1e-3): ('tab:red', '-'),
+    ('vfbn', 0.0): ('tab:cyan', '--'),
+    ('vfbn', 1e-3): ('tab:blue', '-'),
+}
+OTHER_STYLE = ('tab:purple', ':')
+
+FIDELITY_KEYS = (  # log key, axis label, reference line, panel title
+    ('synth/cosine', r'$\cos(\hat\delta, \delta)$', 0.0,
+     'cosine between synthetic and true gradient (1: same direction; dotted 0: unrelated)'),
+    ('synth/rel_error', r'$\|\hat\delta - \delta\| \,/\, \|\delta\|$', 1.0,
+     'relative error of the synthetic gradient (dotted 1: no better than '
+     r'$\hat\delta = 0$)'),
+)
+
+
+class RunError(Exception):
+    """A folder is not a usable run folder; the message says why."""
+
+
+class Run(object):
+    """One ``train.py`` output folder: ``args`` (args.json), ``log`` (the LogReport
+    entries, ``[]`` when there is none yet) and ``result`` (result.json or None)."""
+
+    def __init__(self, path, args, log, result):
+        self.path, self.args, self.log, self.result = path, args, log, result
+        self.row = methods.find_row(args.get('method'), args.get('alpha_gs'))
+
+    @property
+    def status(self):
+        """'finished', 'diverged' or 'unfinished' (no result.json: running or stopped)."""
+        return self.result.get('status', 'unfinished') if self.result else 'unfinished'
+
+    @property
+    def label(self):
+        if self.row is not None:
+            return self.row.label
+        return '%s (alpha_gs = %g)' % (self.args.get('method'), self.args.get('alpha_gs'))
+
+    @property
+    def row_key(self):
+        return (self.row.method, self.row.alpha_gs) if self.row else None
+
+    @property
+    def train_images(self):
+        """Training images actually used (``--train-images`` cuts the set)."""
+        full = TRAIN_SIZES.get(self.args.get('dataset'))
+        n = self.args.get('train_images')
+        return min(n, full) if n and full else (n or full)
+
+    @property
+    def last_iteration(self):
+        if self.result and self.result.get('iteration') is not None:
+            return self.result['iteration']
+        return self.log[-1]['iteration'] if self.log else 0
+
+    def x(self, iteration, unit):
+        """Training progress at an iteration: epochs of the 36x set, or examples seen."""
+        examples = iteration * self.args['batchsize']
+        if unit == 'examples':
+            return examples
+        return examples / float(self.train_images * config.N_VIEWS)
+
+    def series(self, key, unit):
+        """``[(x, value)]`` of one log key, in log order."""
+        return [(self.x(e['iteration'], unit), e[key]) for e in self.log
+                if e.get(key) is not None]
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise RunError('%s cannot be read (%s)' % (path, e))
+
+
+def load_run(path, need_log=False):
+    """Read a run folder. It needs ``args.json``; with ``need_log`` also a ``log``,
+    unless it diverged before its first evaluation."""
+    if not os.path.isdir(path):
+        raise RunError('%s is not a folder' % path)
+    args_file = os.path.join(path, 'args.json')
+    if not os.path.exists(args_file):
+        raise RunError('%s is not a run folder: it has no args.json (train.py writes '
+                       'args.json and log into its --out folder)' % path)
+    args = _read_json(args_file)
+    log_file, result_file = os.path.join(path, 'log'), os.path.join(path, 'result.json')
+    log = _read_json(log_file) if os.path.exists(log_file) else []
+    result = _read_json(result_file) if os.path.exists(result_file) else None
+    run = Run(path, args, log, result)
+    if need_log and not log and run.status != 'diverged':
+        raise RunError('%s has no log yet: train.py writes it at the first evaluation '
+                       '(--eval-every)' % path)
+    return run
+
+
+def group_runs(runs):
+    """Runs by curve: one group per Table 1 row, and per (dataset, depth) when the
+    runs mix several. Returns ``[(label, runs)]`` in Table 1 order."""
+    configs = sorted({(r.args.get('dataset'), r.args.get('depth')) for r in runs}, key=str)
+    order = {(row.method, row.alpha_gs): i for i, row in enumerate(methods.TABLE1)}
+    groups = collections.OrderedDict()
+    for r in sorted(runs, key=lambda r: (order.get(r.row_key, len(order)), r.label,
+                                         str(r.args.get('dataset')), r.args.get('depth') or 0)):
+        label = r.label
+        if len(configs) > 1:
+            label += ' [%s, depth %s]' % (r.args.get('dataset'), r.args.get('depth'))
+        groups.setdefault(label, []).append(r)
+    return list(groups.items())
+
+
+def aggregate(series_list):
+    """Mean, min and max over several runs' ``[(x, value)]``, at every x that any run
+    reached (averaging the runs that reached it). Returns four lists."""
+    by_x = collections.defaultdict(list)
+    for series in series_list:
+        for x, v in series:
+            by_x[x].append(v)
+    xs = sorted(by_x)
+    return (xs, [sum(by_x[x]) / len(by_x[x]) for x in xs],
+            [min(by_x[x]) for x in xs], [max(by_x[x]) for x in xs])
+
+
+def legend_label(label, runs):
+    """The row label, the number of seeds, and how many diverged or are unfinished."""
+    text = label
+    if len(runs) > 1:
+        text += ' (%d seeds, min-max band)' % len(runs)
+    diverged = [r for r in runs if r.status == 'diverged']
+    if diverged:
+        at = ', '.join(str(r.last_iteration) for r in diverged)
+        if len(diverged) == len(runs):
+            text += ' - DIVERGED at iteration %s' % at
+        else:
+            text += ' - %d of %d diverged (iteration %s)' % (len(diverged), len(runs), at)
+    unfinished = [r for r in runs if r.status == 'unfinished']
+    if unfinished:
+        text += ' - unfinished'
+    return text
+
+
+def describe(runs):
+    """Title lines: dataset, network depth (6n+2 layers), the test error's views and
+    test images, as the runs record them."""
+    def values(get):
+        return ', '.join(sorted({str(get(r)) for r in runs}))
+    datasets = values(lambda r: DATASET_NAMES.get(r.args.get('dataset'), r.args.get('dataset')))
+    nets = values(lambda r: network_name(r.args['depth']))
+    views = values(lambda r: r.args.get('eval_views', config.EVAL_VIEWS))
+    tests = values(lambda r: r.args.get('test_images') or 'all')
+    train = values(lambda r: '{:,}'.format(r.train_images))
+    return ('%s, %s, %s training images x 36 views' % (datasets, nets, train),
+            '%s-view averaged test error on %s test images' % (views, tests))
+
+
+def network_name(depth):
+    """'ResNet-110 (18 units per block)': 6n+2 weighted layers for n units."""
+    return 'ResNet-%d (%d unit%s per block)' % (6 * depth + 2, depth, 's' if depth > 1 else '')
+
+
+def x_label(unit):
+    if unit == 'examples':
+        return 'training examples seen (iteration x batch size)'
+    return 'epochs of the 36x augmented training set'
+
+
+def _new_figure(nrows, height):
+    fig = Figure(figsize=(8.5, height), layout='constrained')
+    FigureCanvasAgg(fig)
+    return fig, [fig.add_subplot(nrows, 1, i + 1) for i in range(nrows)]
+
+
+def _draw(ax, label, runs, key, unit, scale=1.0):
+    """One row's line (mean over seeds), its min-max band, and an x where a run
+    diverged. Returns False when no run of the group logged ``key``."""
+    color, style = STYLES.get(runs[0].row_key, OTHER_STYLE)
+    series = [[(x, scale * v) for x, v in r.series(key, unit)] for r in runs]
+    xs, mean, lo, hi = aggregate(series)
+    if not xs:
+        ax.plot([], [], color=color, linestyle=style, label=legend_label(label, runs))
+        return False
+    ax.plot(xs, mean, color=color, linestyle=style, linewidth=1.8, marker='.',
+            markersize=4, label=legend_label(label, runs))
+    if len(runs) > 1:
+        ax.fill_between(xs, lo, hi, color=color, alpha=0.15, linewidth=0)
+    for r, s in zip(runs, series):
+        if r.status == 'diverged' and s:
+            ax.plot([s[-1][0]], [s[-1][1]], marker='x', markersize=10, mew=2.5,
+                    color=color, linestyle='none')
+    return True
+
+
+def _legend(fig, ax):
+    """The legend below the axes, where it hides no curve."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc='outside lower center', ncol=2, fontsize=8,
+                   frameon=False)
+
+
+def _save(fig, prefix, name):
+    paths = []
+    for ext in ('png', 'pdf'):
+        path = '%s_%s.%s' % (prefix, name, ext)
+        fig.savefig(path, dpi=150)
+        paths.append(path)
+    return paths
+
+
+def plot_error(runs, prefix, unit='epoch'):
+    """Figure 3: test error (%) against training progress, one line per Table 1 row.
+    Writes ``PREFIX_error.png`` and ``.pdf``; returns their paths."""
+    fig, (ax,) = _new_figure(1, 5.5)
+    for label, group in group_runs(runs):
+        _draw(ax, label, group, 'validation/main/error', unit, scale=100.0)
+    what, test = describe(runs)
+    ax.set_title('Test error during training (cf. the paper\'s Figure 3)\n%s\n%s'
+                 % (what, test), fontsize=10)
+    ax.set_xlabel(x_label(unit))
+    ax.set_ylabel('test error (%)')
+    ax.set_xlim(left=0)
+    ax.grid(True, alpha=0.3)
+    _legend(fig, ax)
+    return _save(fig, prefix, 'error')
+
+
+def plot_fidelity(runs, prefix, unit='epoch'):
+    """How well the synthetic gradient matches the true one (SPEC section 3):
+    ``synth/cosine`` and ``synth/rel_error`` for the synthetic methods and the
+    layer-wise baseline. Writes ``PREFIX_fidelity.png`` and ``.pdf``."""
+    fig, axes = _new_figure(len(FIDELITY_KEYS), 7.5)
+    with_fidelity = [r for r in runs if any('synth/cosine' in e for e in r.log)
+                     or r.args.get('method') in methods.SYNTHESIZERS + ('layerwise',)]
+    groups = group_runs(with_fidelity)
+    for ax, (key, name, reference, title) in zip(axes, FIDELITY_KEYS):
+        for label, group in groups:
+            _draw(ax, label, group, key, unit)
+        ax.axhline(reference, color='0.4', linewidth=1, linestyle=':')
+        ax.set_title(title, fontsize=9, loc='left')
+        ax.set_ylabel(name)
+        ax.set_xlim(left=0)
+        ax.grid(True, alpha=0.3)
+        if not groups:
+            ax.text(0.5, 0.5, 'no synthetic-gradient or layer-wise runs', ha='center',
+                    va='center', transform=ax.transAxes)
+    fig.suptitle('Gradient fidelity at the split: synthetic (or auxiliary-loss) gradient '
+                 r'$\hat\delta$ vs back-propagated $\delta$' + '\n%s' % describe(runs)[0],
+                 fontsize=10)
+    axes[-1].set_xlabel(x_label(unit))
+    _legend(fig, axes[0])
+    return _save(fig, prefix, 'fidelity')
+
+
+def plot_all(runs, prefix, unit='epoch'):
+    """Both figures; returns the paths written."""
+    folder = os.path.dirname(prefix)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    return plot_error(runs, prefix, unit) + plot_fidelity(runs, prefix, unit)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description='Plot the test-error curves (the paper\'s Figure 3) and the '
+                    'gradient fidelity of train.py run folders.')
+    p.add_argument('runs', nargs='+', metavar='RUN_DIR', help='train.py --out folders')
+    p.add_argument('--out', required=True, metavar='PREFIX',
+                   help='writes PREFIX_error.{png,pdf} and PREFIX_fidelity.{png,pdf}')
+    p.add_argument('--x', choices=('epoch', 'examples'), default='epoch',
+                   help='x axis: epochs of the 36x set, or examples seen')
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    prog = os.path.basename(sys.argv[0])
+    try:
+        runs = [load_run(path, need_log=True) for path in args.runs]
+    except RunError as e:
+        print('%s: error: %s' % (prog, e), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for path in plot_all(runs, args.out, args.x):
+        print(path)
+    return 0

@@ -1,0 +1,440 @@
+"""Table 1 of the paper from run folders, and the one command that runs it.
+
+:func:`results_table` turns ``train.py`` run folders into a markdown table with one
+line per Table 1 row in the paper's order (:data:`chainer_vfbn.methods.TABLE1`): the
+paper's CIFAR-10 test error next to ours (the final test error of ``result.json``,
+mean and sample standard deviation over seeds), and the exact ``train.py`` command.
+Facts shared by every row (dataset, depth, budget, test set, machine, versions) go in
+a paragraph above the table; facts that differ get their own columns.
+
+Command line::
+
+    python -m chainer_vfbn.table run --out ROOT [--dataset D] [--depth N]
+        [--seeds 0 1 ...] [--rows bp vfbn-1e-3 ...] [-- extra train.py arguments]
+    python -m chainer_vfbn.table report ROOT
+
+``run`` trains the rows one after another, each seed's run in ``ROOT/<slug>/seed<k>``,
+then writes ``ROOT/table.md`` and ``ROOT/figure3_{error,fidelity}.{png,pdf}``
+(``report`` writes only those). It is resumable: rerun the same command and finished
+or diverged runs are skipped, and a run with a trainer snapshot but no result.json is
+resumed from its latest snapshot.
+"""
+import argparse
+import math
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+from chainer_vfbn import curves, methods, training
+
+#: A stable folder name for each Table 1 row, by (method, alpha_gs) as in TABLE1.
+SLUGS = {
+    ('bp', None): 'bp',
+    ('bottom', None): 'bottom',
+    ('layerwise', None): 'layerwise',
+    ('jaderberg-resnet', 1e-3): 'jaderberg-resnet',
+    ('jaderberg-linear', 1e-3): 'jaderberg-linear',
+    ('vfbn', 0.0): 'vfbn-0',
+    ('vfbn', 1e-3): 'vfbn-1e-3',
+}
+#: The rows that decide the paper's claim (VFBN keeps pace with BP, Jaderberg falls
+#: behind): each seed runs them first, so a partial table already answers it.
+CLAIM_SLUGS = ('bp', 'vfbn-1e-3', 'jaderberg-linear')
+
+TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        'train.py')
+#: train.py arguments that ``run`` sets itself for every run.
+RUNNER_OPTIONS = ('--out', '-o', '--seed', '--method', '--synth', '--alpha-gs',
+                  '--resume', '-r')
+#: args.json keys that do not change what a run computes.
+NOT_CONFIG = ('out', 'resume', 'progress', 'synth')
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def slug(row):
+    return SLUGS[(row.method, row.alpha_gs)]
+
+
+def row_by_slug(name):
+    for row in methods.TABLE1:
+        if slug(row) == name:
+            return row
+    raise KeyError(name)
+
+
+# ---------------------------------------------------------------------------
+# The table.
+
+def format_number(value):
+    """A number as train.py's command line takes it: 12.0 -> '12', 0.001 -> '0.001'."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def train_command(args, row):
+    """The ``train.py`` command of a run: the row's arguments (``methods.row_argv``),
+    then every other argument whose value differs from train.py's default, and
+    ``--seed S`` (the seeds are listed beside the command). ``--out`` is left out."""
+    argv = ['python', 'train.py'] + methods.row_argv(row)
+    for action in training.build_parser()._actions:
+        dest = action.dest
+        if dest in NOT_CONFIG + ('help', 'method', 'alpha_gs', 'seed') or dest not in args:
+            continue
+        value = args[dest]
+        if value == action.default:
+            continue
+        option = max(action.option_strings, key=len)
+        if isinstance(action, argparse._StoreConstAction):  # store_true / store_false
+            argv.append(option)
+        else:
+            argv += [option, format_number(value)]
+    return ' '.join(shlex.quote(a) for a in argv) + ' --seed S'
+
+
+def budget(args, train_images):
+    """Training length, batch size and training set, as the run was given them."""
+    if args.get('iterations'):
+        length = '{:,} iterations'.format(args['iterations'])
+    else:
+        length = '%s epochs of the 36x set' % format_number(args['epoch'])
+    return '%s of batch %d on %s training images x 36 views' % (
+        length, args['batchsize'], '{:,}'.format(train_images))
+
+
+def machine(args):
+    m = args.get('machine', {})
+    if m.get('gpu'):
+        return 'GPU %s (%s)' % (m['gpu'], m.get('device'))
+    return 'CPU %s, %s cores (%s)' % (m.get('cpu') or m.get('processor', '?'),
+                                      m.get('cpus', '?'), m.get('device', '@numpy'))
+
+
+def versions(args):
+    v = args.get('versions', {})
+    return ', '.join('%s %s' % (k, v[k]) for k in sorted(v))
+
+
+#: The facts about a run that Table 1 must state, in the order they are printed.
+FACTS = (
+    ('dataset', lambda r: curves.DATASET_NAMES.get(r.args['dataset'], r.args['dataset'])),
+    ('network', lambda r: 'ResNet-%d (depth %d: %d units per block, 6n+2 layers), split %s'
+     % (6 * r.args['depth'] + 2, r.args['depth'], r.args['depth'],
+        'after unit %d of ResBlock-2' % -(-r.args['depth'] // 2)
+        if r.args.get('split') is None else 'at unit index %s' % r.args['split'])),
+    ('budget', lambda r: budget(r.args, r.train_images)),
+    ('test error', lambda r: '%d-view averaged, on %s test images'
+     % (r.args.get('eval_views', 36),
+        '{:,}'.format(r.args['test_images']) if r.args.get('test_images') else 'all')),
+    ('machine', lambda r: machine(r.args)),
+    ('versions', lambda r: versions(r.args)),
+)
+
+
+def error_text(runs):
+    """Our test error (%) of one row: 'mean ± std (n seeds)' over the finished runs
+    (sample standard deviation), 'diverged at iteration N' for diverged runs, never
+    NaN; 'not run' without runs."""
+    if not runs:
+        return 'not run'
+    finished = [r for r in runs if r.status == 'finished'
+                and math.isfinite(r.result.get('test_error', float('nan')))]
+    diverged = [r for r in runs if r.status == 'diverged']
+    other = [r for r in runs if r not in finished and r not in diverged]
+    parts = []
+    if finished:
+        errors = [100.0 * r.result['test_error'] for r in finished]
+        if len(errors) > 1:
+            parts.append('%.2f ± %.2f (%d seeds)' % (statistics.mean(errors),
+                                                     statistics.stdev(errors), len(errors)))
+        else:
+            parts.append('%.2f (1 seed)' % errors[0])
+    if diverged:
+        at = ', '.join(str(r.last_iteration) for r in diverged)
+        if finished or other:
+            parts.append('%d of %d seeds diverged at iteration %s'
+                         % (len(diverged), len(runs), at))
+        else:
+            parts.append('diverged at iteration%s %s' % ('s' if len(diverged) > 1 else '', at))
+    if other:
+        parts.append('%d unfinished (iteration %s)'
+                     % (len(other), ', '.join(str(r.last_iteration) for r in other)))
+    return '; '.join(parts)
+
+
+def seeds_text(runs):
+    return ', '.join(str(s) for s in sorted({r.args.get('seed') for r in runs})) or '-'
+
+
+def results_table(run_dirs):
+    """Markdown: Table 1 rows in the paper's order with the paper's CIFAR-10 error,
+    ours, the seeds and the exact command; shared facts in a paragraph above.
+
+    ``run_dirs`` are train.py output folders (raises :class:`curves.RunError` for a
+    folder without args.json). Runs of methods outside Table 1 are listed below it.
+    """
+    runs = [curves.load_run(d) for d in run_dirs]
+    by_row = {slug(row): [r for r in runs if r.row == row] for row in methods.TABLE1}
+    others = [r for r in runs if r.row is None]
+    present = [r for r in runs if r.row is not None]
+
+    shared, varying = [], []
+    for name, get in FACTS:
+        values = {get(r) for r in present}
+        (shared if len(values) == 1 else varying).append((name, get))
+
+    lines = ['# Table 1, reproduced', '',
+             'Test error (%) of each Table 1 row of Miyato et al. (2017): the paper\'s '
+             '(CIFAR-10, ResNet-110 split in two 55-layer halves, 12 epochs of the 36x '
+             'augmented set) and ours, the final test error of each run '
+             '(`result.json`), as mean ± sample standard deviation over seeds.', '']
+    if present:
+        lines += ['Every row below: ' + '; '.join(
+            '**%s** %s' % (name, get(present[0])) for name, get in shared) + '.', '']
+    lines.append('In each command, S is one of the row\'s seeds; `--out` is left out.')
+    lines.append('')
+    header = ['Table 1 row', 'paper, CIFAR-10', 'ours', 'seeds'] + \
+        [name for name, _ in varying] + ['command']
+    lines.append('| ' + ' | '.join(header) + ' |')
+    lines.append('|' + '|'.join('---' for _ in header) + '|')
+    for row in methods.TABLE1:
+        group = by_row[slug(row)]
+        cells = [row.label, '%.2f' % row.paper_error, error_text(group), seeds_text(group)]
+        for _, get in varying:
+            cells.append('<br>'.join(sorted({get(r) for r in group})) or '-')
+        commands = sorted({train_command(r.args, row) for r in group})
+        cells.append('<br>'.join('`%s`' % c for c in commands) or '-')
+        lines.append('| ' + ' | '.join(c.replace('|', '\\|') for c in cells) + ' |')
+    if others:
+        lines += ['', 'Runs of methods outside Table 1 (not in the table): ' + ', '.join(
+            '%s (%s)' % (r.path, r.label) for r in others) + '.']
+    return '\n'.join(lines) + '\n'
+
+
+def find_run_dirs(root):
+    """Every folder under ``root`` that holds an args.json, sorted."""
+    found = []
+    for folder, subdirs, files in os.walk(root):
+        subdirs.sort()
+        if 'args.json' in files:
+            found.append(folder)
+    return found
+
+
+def write_report(root, run_dirs=None):
+    """``ROOT/table.md`` and ``ROOT/figure3_{error,fidelity}.{png,pdf}``; returns the
+    paths written. Runs without a log yet are left out of the figures."""
+    run_dirs = find_run_dirs(root) if run_dirs is None else run_dirs
+    path = os.path.join(root, 'table.md')
+    with open(path, 'w') as f:
+        f.write(results_table(run_dirs))
+    runs = [curves.load_run(d) for d in run_dirs]
+    plotted = [r for r in runs if r.log or r.status == 'diverged']
+    return [path] + curves.plot_all(plotted, os.path.join(root, 'figure3'))
+
+
+# ---------------------------------------------------------------------------
+# Running the rows.
+
+def plan(seeds, slugs=None):
+    """``[(seed, row)]`` in running order: for each seed the rows that decide the
+    paper's claim (:data:`CLAIM_SLUGS`), then the others in Table 1 order."""
+    chosen = [row for row in methods.TABLE1 if slugs is None or slug(row) in slugs]
+    first = [row for s in CLAIM_SLUGS for row in chosen if slug(row) == s]
+    rest = [row for row in chosen if row not in first]
+    return [(seed, row) for seed in seeds for row in first + rest]
+
+
+def run_argv(row, seed, common, out):
+    """train.py's arguments for one run."""
+    return methods.row_argv(row) + common + ['--seed', str(seed), '--out', out]
+
+
+def latest_snapshot(folder):
+    """Path of the ``snapshot_iter_N`` with the largest N in ``folder``, or None."""
+    found = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        m = re.fullmatch(r'snapshot_iter_(\d+)', name)
+        if m:
+            found.append((int(m.group(1)), os.path.join(folder, name)))
+    return max(found)[1] if found else None
+
+
+def config_mismatch(recorded, argv):
+    """How a folder's args.json differs from what ``argv`` would run ('' if not)."""
+    planned = vars(training.parse_args(argv))
+    diffs = ['%s %r there, %r now' % (k, recorded.get(k), v) for k, v in sorted(planned.items())
+             if k not in NOT_CONFIG and recorded.get(k) != v]
+    return '; '.join(diffs)
+
+
+def _duration(seconds):
+    seconds = int(round(seconds))
+    return '%d:%02d:%02d' % (seconds // 3600, seconds // 60 % 60, seconds % 60)
+
+
+class Runner(object):
+    """Trains planned runs one after another as ``train.py`` subprocesses, printing
+    one progress line per step and keeping each run's output in its folder
+    (``train_output.txt``)."""
+
+    def __init__(self, root, common, python=sys.executable, train_py=TRAIN_PY):
+        self.root, self.common = root, common
+        self.python, self.train_py = python, train_py
+        self.start = time.time()
+        self.failed = []
+
+    def say(self, text):
+        print('[table %s] %s' % (_duration(time.time() - self.start), text), flush=True)
+
+    def run_one(self, step, total, seed, row):
+        """Train (or skip, or resume) one run; returns its final status."""
+        out = os.path.join(self.root, slug(row), 'seed%d' % seed)
+        argv = run_argv(row, seed, self.common, out)
+        name = '%d/%d seed %d %s (%s)' % (step, total, seed, slug(row), row.label)
+        args_file = os.path.join(out, 'args.json')
+        if os.path.exists(args_file):
+            mismatch = config_mismatch(curves.load_run(out).args, argv)
+            if mismatch:
+                self.say('%s: FAILED: %s holds a run with other arguments (%s); use '
+                         'another --out, or delete that folder to rerun it'
+                         % (name, out, mismatch))
+                self.failed.append(name)
+                return 'failed'
+            run = curves.load_run(out)
+            if run.status in ('finished', 'diverged'):
+                self.say('%s: skipped, already %s (%s)' % (name, run.status,
+                                                           error_text([run])))
+                return run.status
+        snapshot = latest_snapshot(out)
+        if snapshot:
+            argv += ['--resume', snapshot]
+            self.say('%s: resuming from %s' % (name, snapshot))
+        else:
+            self.say('%s: starting' % name)
+        began = time.time()
+        code = self._train(argv, out)
+        run = curves.load_run(out) if os.path.exists(args_file) else None
+        status = run.status if run else 'unfinished'
+        if code == 0 and status == 'finished' or \
+                code == training.EXIT_DIVERGED and status == 'diverged':
+            self.say('%s: %s in %s: %s' % (name, status, _duration(time.time() - began),
+                                           error_text([run])))
+            return status
+        if code == training.EXIT_INTERRUPTED or code < 0:
+            raise KeyboardInterrupt
+        self.say('%s: FAILED (train.py exit status %d; see %s)'
+                 % (name, code, os.path.join(out, 'train_output.txt')))
+        self.failed.append(name)
+        return 'failed'
+
+    def _train(self, argv, out):
+        """Run train.py, echoing its output and appending it to train_output.txt."""
+        os.makedirs(out, exist_ok=True)
+        cmd = [self.python, self.train_py] + argv
+        env = dict(os.environ, PYTHONUNBUFFERED='1')
+        with open(os.path.join(out, 'train_output.txt'), 'a') as log:
+            log.write('$ %s\n' % ' '.join(shlex.quote(a) for a in cmd))
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, env=env)
+            try:
+                for line in proc.stdout:
+                    sys.stdout.write(line)
+                    log.write(line)
+                return proc.wait()
+            except KeyboardInterrupt:
+                # train.py got the same Ctrl-C: let it save its snapshot and stop.
+                for line in proc.stdout:
+                    log.write(line)
+                proc.wait()
+                raise
+
+
+def run_table(root, seeds, slugs, common):
+    """The ``run`` command: train the plan, then write the report. Returns the exit
+    status: 0, or 1 when a run failed for a reason other than divergence."""
+    steps = plan(seeds, slugs)
+    runner = Runner(root, common)
+    runner.say('%d runs (%s) into %s; train.py arguments shared by all: %s'
+               % (len(steps), ', '.join('seed %d %s' % (s, slug(r)) for s, r in steps),
+                  root, ' '.join(common) or '(none)'))
+    try:
+        for i, (seed, row) in enumerate(steps):
+            runner.run_one(i + 1, len(steps), seed, row)
+    except KeyboardInterrupt:
+        runner.say('interrupted: run the same command again to resume')
+        return EXIT_INTERRUPTED
+    for path in write_report(root):
+        runner.say('wrote %s' % path)
+    if runner.failed:
+        runner.say('%d run(s) failed: %s' % (len(runner.failed), '; '.join(runner.failed)))
+        return EXIT_FAILED
+    return 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog='python -m chainer_vfbn.table',
+        description='Run the rows of the paper\'s Table 1 and report them (table.md '
+                    'and Figure 3).')
+    sub = p.add_subparsers(dest='command', required=True)
+    r = sub.add_parser('run', help='train the rows one after another (resumable), '
+                                   'then report; train.py arguments may follow --')
+    r.add_argument('--out', required=True, metavar='ROOT',
+                   help='runs go to ROOT/<row>/seed<k>')
+    r.add_argument('--dataset', choices=('cifar10', 'fashion-mnist'), default=None,
+                   help="train.py's --dataset (default: train.py's, cifar10)")
+    r.add_argument('--depth', type=int, default=None,
+                   help="residual units per block (default: train.py's, 18)")
+    r.add_argument('--seeds', type=int, nargs='+', default=[0])
+    r.add_argument('--rows', nargs='+', choices=[slug(row) for row in methods.TABLE1],
+                   default=None, help='run only these rows (default: all seven)')
+    rep = sub.add_parser('report', help='write ROOT/table.md and ROOT/figure3_*')
+    rep.add_argument('root', metavar='ROOT')
+    return p
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra = []
+    if '--' in argv:
+        extra = argv[argv.index('--') + 1:]
+        argv = argv[:argv.index('--')]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == 'report':
+        if extra:
+            parser.error('report takes no train.py arguments')
+        if not find_run_dirs(args.root):
+            print('%s: error: no run folders (with args.json) under %s'
+                  % (parser.prog, args.root), file=sys.stderr)
+            return EXIT_BAD_INPUT
+        for path in write_report(args.root):
+            print(path)
+        return 0
+
+    taken = [a for a in extra if a.split('=')[0] in RUNNER_OPTIONS]
+    if taken:
+        parser.error('%s: the run command sets these itself' % ', '.join(taken))
+    common = []
+    if args.dataset:
+        common += ['--dataset', args.dataset]
+    if args.depth is not None:
+        common += ['--depth', str(args.depth)]
+    common += extra
+    try:  # check the train.py arguments now, not after hours of training
+        training.parse_args(run_argv(methods.TABLE1[0], 0, common, args.out))
+    except training.UsageError as e:
+        parser.error('train.py arguments: %s' % e)
+    return run_table(args.out, args.seeds, args.rows, common)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,957 @@
+#!/usr/bin/env python3
+"""Device check: chainer-vfbn on a GPU (CuPy 14, no cuDNN) against the CPU and PyTorch.
+
+One short run on a lent GPU machine answers what ``../shared/COMPAT.md`` ("CuPy")
+lists as not yet seen: whether Chainer 7.8.1's kernels, compiled by CuPy 14, compute
+the paper's networks correctly, and how fast they are without cuDNN. Sections, in
+order, each guarded so that a failure is recorded and the next one still runs:
+
+1. ``numerics``: the same weights and inputs on the GPU and on the CPU, at small depth:
+   logits and every parameter gradient of full backprop (Table 1 "BackProp"), and for
+   VFBN (paper eq. 6 and eq. 3, SPEC section 3-4) h, delta, delta_hat, eq. 3 and the
+   gradients of v_f (double backprop) and of the lower half (``h.backward()`` with
+   delta_hat); in float32 and float64.
+2. ``timing``: one training step of BP and of VFBN (alpha_gs = 1e-3) at full depth,
+   batch 128, the batches already on the device: median over synchronised steps.
+3. ``torch``: the same ResNet-110 in PyTorch on the same GPU (cuDNN, eager), fp32 and
+   TF32, as the yardstick of what this GPU does with this network.
+4. ``methods``: 20 training steps of every Table 1 method (``methods.TABLE1``) through
+   the real data pipeline (``AugmentedDataset`` + ``BatchIterator``).
+5. ``data``: the host-side 36-view pipeline's views per second at batch 128.
+
+Results go to ``OUT/device_check.json`` and ``OUT/device_check.md``, rewritten after
+every section (and every method), so a run cut off by a timeout keeps what finished.
+Without CuPy or a GPU the script prints ``CuPy/CUDA not available: ...``, writes
+nothing and exits 0. ``--device @numpy`` dry-runs every section on the CPU (the
+"GPU" side is then a second CPU copy, and the numerics must agree exactly).
+
+Run on the device (Chainer installed from the wheels of build_device_wheels.sh)::
+
+    PYTHONPATH=/tmp/site:$PWD python3 scripts/device_check.py --out $OUT
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+# Before CuPy and Chainer are imported: CuPy reads CUPY_TF32 once, at the first
+# float32 GEMM. TF32 (10-bit mantissa) would make the GPU's float32 GEMMs differ from
+# the CPU's by ~1e-3 relative, drowning the rounding-order differences the numerics
+# compare; CuPy's default is off, we make it explicit (and time Chainer in true fp32).
+os.environ['CUPY_TF32'] = '0'
+# CuPy 14 has no cuDNN; say so to Chainer instead of having it warn (COMPAT.md).
+os.environ.setdefault('CHAINER_CUDNN', '0')
+
+import numpy  # noqa: E402
+
+import chainer_vfbn  # noqa: E402  (first: its repairs must precede Chainer's import)
+import chainer  # noqa: E402
+import chainer.functions as F  # noqa: E402
+
+from chainer_vfbn import config, data, methods, model, synthesizers, updaters  # noqa: E402
+
+SECTIONS = ('numerics', 'timing', 'torch', 'methods', 'data')
+RESNET110_PARAMS = 2975594  # SPEC section 2: parameters at 18 units per block
+
+# ---------------------------------------------------------------------------
+# Tolerances of the numerics (section 1). Errors are normwise: for a quantity q,
+#   err(q) = max|q_gpu - q_cpu| / max|q_cpu|,
+# because an element-wise relative error is meaningless for the many entries of a
+# gradient that are near zero. A gradient that is zero in exact arithmetic (conv1's
+# bias feeds straight into BN, SPEC section 2) is pure rounding noise; its error is
+# taken relative to GROUP_FLOOR x the largest gradient of the same check instead.
+GROUP_FLOOR = 1e-3
+# float32: the GPU and the CPU round differently (cuBLAS vs OpenBLAS split and order
+# the sums of the im2col GEMMs differently; CuPy's reductions for BN's batch mean and
+# variance use tree order, NumPy pairwise order), so they differ by float32 rounding
+# noise, amplified by the network's conditioning (BN divides by small batch standard
+# deviations; its backward subtracts nearly equal terms). The size of that noise is
+# measured, not guessed: NOISE32(q) is the error of the CPU's own float32 result
+# against the CPU's float64 result from the same weights. The GPU's float32 error is
+# another draw of the same kind of noise, so it may exceed NOISE32 by a small factor
+# (different order, maxima over many elements): allowed NOISE_FACTOR x NOISE32(q),
+# and never less than RTOL32 (at small depth some quantities, e.g. the loss, are
+# accurate to a few float32 ulps, 2^-23 ~ 1.2e-7).
+NOISE_FACTOR = 10.0
+RTOL32 = 1e-5
+# float64: the same rounding-order differences at 2^-52 ~ 2.2e-16 per operation. The
+# worst conditioning seen in float32 on this network (COMPAT.md: ~1e-2 relative for
+# the conv before BN, i.e. an amplification of ~1e5 over float32's eps) gives ~2e-11
+# in float64, so 1e-10 separates rounding from any real difference (a wrong kernel,
+# a dropped term, a wrong dtype) by many orders of magnitude.
+RTOL64 = 1e-10
+
+
+class Clock(object):
+    """Wall time since the start, for timestamps and the time budget."""
+
+    def __init__(self, budget_s):
+        self.start, self.budget_s = time.time(), budget_s
+
+    def elapsed(self):
+        return time.time() - self.start
+
+    def left(self):
+        return self.budget_s - self.elapsed()
+
+
+CLOCK = Clock(float('inf'))
+
+
+def log(msg):
+    print('[%6.1fs] %s' % (CLOCK.elapsed(), msg), flush=True)
+
+
+def short_error(e):
+    """``Type: first line`` of an exception, and the end of its traceback."""
+    tb = traceback.format_exc().strip().splitlines()
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+    return {'error': '%s: %s' % (type(e).__name__, first), 'traceback': tb[-20:]}
+
+
+# ---------------------------------------------------------------------------
+# Arguments and the device.
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description='Check chainer-vfbn on a GPU: numerics against the CPU, step '
+                    'times, a PyTorch reference, 20 steps of every Table 1 method.',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--out', '-o', required=True, help='folder for device_check.json/.md')
+    p.add_argument('--device', '-d', default='@cupy:0',
+                   help='@cupy:N, or @numpy for a dry run on the CPU')
+    p.add_argument('--depth', type=int, default=18,
+                   help='units per block for timing, PyTorch and the methods')
+    p.add_argument('--batch', type=int, default=128, help='batch size of the same')
+    p.add_argument('--steps', type=int, default=20, help='training steps per method')
+    p.add_argument('--warmup', type=int, default=5, help='untimed steps before timing')
+    p.add_argument('--timed', type=int, default=20, help='timed steps (median)')
+    p.add_argument('--numerics-depth', type=int, default=2,
+                   help='units per block for the GPU-vs-CPU numerics')
+    p.add_argument('--numerics-batch', type=int, default=16)
+    p.add_argument('--data-batches', type=int, default=50,
+                   help='batches timed in the data-pipeline section')
+    p.add_argument('--sections', default=','.join(SECTIONS),
+                   help='comma-separated subset of: ' + ', '.join(SECTIONS))
+    p.add_argument('--budget-s', type=float, default=270.0,
+                   help='start no new section or method after this many seconds')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--quick', action='store_true',
+                   help='shrink everything: numerics depth 1 batch 4, 1 warm-up, 2 '
+                        'timed steps, 3 data batches (for a dry run)')
+    args = p.parse_args(argv)
+    if args.quick:
+        args.numerics_depth, args.numerics_batch = 1, 4
+        args.warmup, args.timed, args.data_batches = 1, 2, 3
+    args.sections = [s.strip() for s in args.sections.split(',') if s.strip()]
+    bad = [s for s in args.sections if s not in SECTIONS]
+    if bad:
+        p.error('unknown section(s) %s; choose from %s' % (', '.join(bad), ', '.join(SECTIONS)))
+    for name in ('depth', 'batch', 'steps', 'timed', 'numerics_depth', 'numerics_batch',
+                 'data_batches'):
+        if getattr(args, name) < 1:
+            p.error('--%s must be >= 1' % name.replace('_', '-'))
+    if args.device != '@numpy' and not args.device.startswith('@cupy:'):
+        p.error('--device must be @cupy:N or @numpy, got %r' % args.device)
+    return args
+
+
+def cuda_problem(spec):
+    """Why CuPy cannot run on ``spec`` (a sentence), or None when it can."""
+    try:
+        import cupy
+    except Exception as e:
+        return 'cannot import cupy (%s: %s)' % (type(e).__name__, str(e).strip()[:200])
+    try:
+        gpu = int(spec.split(':', 1)[1])
+        n = cupy.cuda.runtime.getDeviceCount()
+        if gpu >= n:
+            return 'GPU %d requested, %d CUDA device(s) found' % (gpu, n)
+        with cupy.cuda.Device(gpu):
+            cupy.empty(1)  # creates the context and allocates: the driver works
+    except Exception as e:
+        return '%s: %s' % (type(e).__name__, str(e).strip()[:200])
+    return None
+
+
+def synchronize(device):
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if device.xp is not numpy:
+        device.xp.cuda.get_current_stream().synchronize()
+
+
+def free_device_memory(device):
+    if device.xp is not numpy:
+        synchronize(device)
+        device.xp.get_default_memory_pool().free_all_blocks()
+
+
+def to_host(array):
+    return None if array is None else numpy.asarray(chainer.backend.CpuDevice().send(array))
+
+
+# ---------------------------------------------------------------------------
+# Results: one dict, saved as JSON and rendered as Markdown after every step.
+
+class Report(object):
+    def __init__(self, out, args):
+        self.json_path = os.path.join(out, 'device_check.json')
+        self.md_path = os.path.join(out, 'device_check.md')
+        self.data = {'started': datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                     'argv': sys.argv, 'args': {k: v for k, v in vars(args).items()},
+                     'sections': {}}
+
+    def section(self, name):
+        return self.data['sections'].setdefault(name, {})
+
+    def save(self):
+        self.data['elapsed_s'] = round(CLOCK.elapsed(), 2)
+        for path, text in ((self.json_path, json.dumps(self.data, indent=2, default=_jsonable)),
+                           (self.md_path, render_markdown(self.data))):
+            tmp = path + '.tmp'
+            with open(tmp, 'w') as f:
+                f.write(text + '\n')
+            os.replace(tmp, path)
+
+
+def _jsonable(x):
+    if isinstance(x, (numpy.floating, numpy.integer)):
+        return x.item()
+    if isinstance(x, numpy.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def environment(device, gpu):
+    """Versions, GPU and the Chainer/CuPy settings that change what is measured."""
+    env = {'python': platform.python_version(), 'numpy': numpy.__version__,
+           'chainer': chainer.__version__, 'platform': platform.platform(),
+           'cpus': os.cpu_count(), 'device': str(device),
+           'chainer_cuda_available': bool(chainer.backends.cuda.available),
+           'chainer_cudnn_enabled': bool(chainer.backends.cuda.cudnn_enabled),
+           'CUPY_TF32': os.environ.get('CUPY_TF32'),
+           'CHAINER_CUDNN': os.environ.get('CHAINER_CUDNN'),
+           'compat_repairs': list(chainer_vfbn._compat.applied)}
+    if gpu:
+        import cupy
+        props = cupy.cuda.runtime.getDeviceProperties(device.device.id)
+        name = props['name']
+        env.update(
+            gpu=name.decode() if isinstance(name, bytes) else name,
+            compute_capability='%d.%d' % (props['major'], props['minor']),
+            gpu_memory_gib=round(props['totalGlobalMem'] / 2.0 ** 30, 1),
+            cupy=cupy.__version__,
+            cuda_runtime=cupy.cuda.runtime.runtimeGetVersion(),
+            cuda_driver_api=cupy.cuda.runtime.driverGetVersion(),
+            cupy_cudnn=_has_module('cupy.cudnn'))
+        try:
+            smi = subprocess.run(['nvidia-smi', '--query-gpu=driver_version',
+                                  '--format=csv,noheader'], capture_output=True,
+                                 text=True, timeout=20)
+            env['nvidia_driver'] = smi.stdout.strip().splitlines()[0]
+        except Exception as e:
+            env['nvidia_driver'] = 'unknown (%s)' % type(e).__name__
+    try:
+        import torch
+        env['torch'] = torch.__version__
+        env['torch_cuda'] = torch.version.cuda
+    except Exception as e:
+        env['torch'] = 'not available (%s)' % type(e).__name__
+    return env
+
+
+def _has_module(name):
+    try:
+        __import__(name)
+        return True
+    except Exception:
+        return False
+
+
+# ---------------------------------------------------------------------------
+# 1. Numerics: GPU against CPU, same weights, same inputs.
+
+def build_nets(depth, dtype, seed):
+    """The lower and upper half of the paper's ResNet and a VFBN synthesizer, in
+    ``dtype``, with the weights that ``seed`` gives the float32 build (the float64
+    build gets the same values, cast)."""
+    numpy.random.seed(seed)
+    lower, upper = model.build_resnet(depth)
+    synth = synthesizers.VFBN(synthesizers.VirtualForward(lower.units[-1].out_ch))
+    if dtype != numpy.float32:
+        with chainer.using_config('dtype', dtype):
+            cast = model.build_resnet(depth) + (
+                synthesizers.VFBN(synthesizers.VirtualForward(lower.units[-1].out_ch)),)
+        for src, dst in zip((lower, upper, synth), cast):
+            dst_params = dict(dst.namedparams())
+            for name, p in src.namedparams():
+                dst_params[name].array[...] = p.array
+        lower, upper, synth = cast
+    return {'lower': lower, 'upper': upper, 'synth': synth, 'net': model.Net(lower, upper)}
+
+
+def numerics_inputs(batch, seed):
+    rng = numpy.random.RandomState(seed + 1)
+    x = rng.standard_normal((batch, 3, config.INPUT_SIZE, config.INPUT_SIZE))
+    t = rng.randint(0, config.N_CLASSES, batch).astype(numpy.int32)
+    return x.astype(numpy.float32), t
+
+
+def backprop_quantities(nets, x, t):
+    """Table 1 "BackProp": logits, loss and every parameter's gradient."""
+    net = nets['net']
+    logits = net(x)
+    loss = F.softmax_cross_entropy(logits, t)
+    net.cleargrads()
+    loss.backward()
+    out = {'logits': logits.array, 'loss': loss.array}
+    out.update(('grad %s' % name[1:], p.grad) for name, p in net.namedparams())
+    return out
+
+
+def vfbn_quantities(nets, x, t):
+    """One VFBN iteration (DecoupledUpdater's steps 1-4, SPEC section 4) without
+    the optimizer updates: h, delta_hat (eq. 6), delta, eq. 3, the gradient of eq. 3
+    w.r.t. v_f's parameters (double backprop) and the lower half's gradients after
+    ``h.backward()`` with delta_hat."""
+    lower, upper, synth = nets['lower'], nets['upper'], nets['synth']
+    h = lower(x)
+    delta_hat = synth(chainer.Variable(h.array), t)
+    lower.cleargrads()
+    h.grad = delta_hat.array
+    h.backward()
+    h_up = chainer.Variable(h.array)
+    loss = F.softmax_cross_entropy(upper(h_up), t)
+    upper.cleargrads()
+    loss.backward()
+    delta = h_up.grad
+    scale = synth.xp.sqrt((delta * delta).mean())
+    e = synth.loss(delta_hat, delta, scale)
+    synth.cleargrads()
+    e.backward()
+    out = {'h': h.array, 'delta': delta, 'delta_hat': delta_hat.array, 'eq3': e.array}
+    out.update(('grad lower%s' % name, p.grad) for name, p in lower.namedparams())
+    out.update(('grad v_f%s' % name[len('/v_f'):], p.grad)
+               for name, p in synth.namedparams())
+    return out
+
+
+CHECKS = {'bp': backprop_quantities, 'vfbn': vfbn_quantities}
+
+
+def run_check(check, depth, batch, dtype, device, seed):
+    """The check's quantities on the CPU and on ``device``, as host arrays."""
+    x, t = numerics_inputs(batch, seed)
+    x = x.astype(dtype)
+    results = []
+    for dev in (chainer.get_device('@numpy'), device):
+        nets = build_nets(depth, dtype, seed)
+        for link in nets.values():
+            link.to_device(dev)
+        with chainer.using_device(dev), chainer.using_config('train', True):
+            q = CHECKS[check](nets, dev.send(x), dev.send(t))
+        synchronize(dev)
+        results.append({k: to_host(v) for k, v in q.items()})
+    return results
+
+
+def normwise_errors(ref, got):
+    """``{name: (max abs error, err, max |ref|)}`` with err as in the module's
+    tolerance notes (GROUP_FLOOR for gradients that are zero in exact arithmetic)."""
+    grads = [numpy.abs(v).max() for k, v in ref.items()
+             if k.startswith('grad ') and v is not None and v.size]
+    group = max(grads) if grads else 0.0
+    errors = {}
+    for name, r in ref.items():
+        g = got.get(name)
+        if r is None or g is None:
+            errors[name] = (0.0, 0.0 if r is None and g is None else math.inf, 0.0)
+            continue
+        r, g = r.astype(numpy.float64), g.astype(numpy.float64)
+        diff = float(numpy.abs(g - r).max()) if r.size else 0.0
+        scale = float(numpy.abs(r).max()) if r.size else 0.0
+        denom = max(scale, GROUP_FLOOR * group) if name.startswith('grad ') else scale
+        err = diff / denom if denom > 0 else (0.0 if diff == 0 else math.inf)
+        errors[name] = (diff, err, scale)
+    return errors
+
+
+def numerics(args, device, report):
+    sec = report.section('numerics')
+    sec.update(depth=args.numerics_depth, batch=args.numerics_batch,
+               rtol32=RTOL32, noise_factor=NOISE_FACTOR, rtol64=RTOL64,
+               group_floor=GROUP_FLOOR, checks={})
+    for check in CHECKS:
+        log('numerics %s: float32 and float64, depth %d, batch %d'
+            % (check, args.numerics_depth, args.numerics_batch))
+        entry = sec['checks'].setdefault(check, {})
+        try:
+            cpu32, dev32 = run_check(check, args.numerics_depth, args.numerics_batch,
+                                     numpy.float32, device, args.seed)
+            # The float32 rounding noise of this computation, measured on the CPU
+            # (see NOISE_FACTOR): the float64 run on the CPU is the reference.
+            cpu64, dev64 = run_check(check, args.numerics_depth, args.numerics_batch,
+                                     numpy.float64, device, args.seed)
+        except Exception as e:
+            entry.update(short_error(e), passed=False)
+            log('numerics %s: ERROR %s' % (check, entry['error']))
+            report.save()
+            continue
+        noise = normwise_errors(cpu64, cpu32)
+        err32, err64 = normwise_errors(cpu32, dev32), normwise_errors(cpu64, dev64)
+        rows = []
+        for name in cpu32:
+            tol32 = max(RTOL32, NOISE_FACTOR * noise[name][1])
+            rows.append({
+                'quantity': name, 'shape': list(cpu32[name].shape)
+                if cpu32[name] is not None else None, 'scale': err32[name][2],
+                'f32_max_abs': err32[name][0], 'f32_err': err32[name][1],
+                'f32_noise': noise[name][1], 'f32_tol': tol32,
+                'f32_pass': err32[name][1] <= tol32,
+                'f64_max_abs': err64[name][0], 'f64_err': err64[name][1],
+                'f64_tol': RTOL64, 'f64_pass': err64[name][1] <= RTOL64})
+        entry.update(quantities=rows,
+                     f32_pass=all(r['f32_pass'] for r in rows),
+                     f64_pass=all(r['f64_pass'] for r in rows))
+        entry['passed'] = entry['f32_pass'] and entry['f64_pass']
+        worst32 = max(rows, key=lambda r: r['f32_err'] / r['f32_tol'])
+        worst64 = max(rows, key=lambda r: r['f64_err'] / r['f64_tol'])
+        log('numerics %s: float32 %s (worst %s: err %.2e, tol %.2e), float64 %s '
+            '(worst %s: err %.2e)' % (
+                check, 'PASS' if entry['f32_pass'] else 'FAIL', worst32['quantity'],
+                worst32['f32_err'], worst32['f32_tol'],
+                'PASS' if entry['f64_pass'] else 'FAIL', worst64['quantity'],
+                worst64['f64_err']))
+        report.save()
+    sec['passed'] = all(c.get('passed') for c in sec['checks'].values())
+
+
+# ---------------------------------------------------------------------------
+# Data for the training sections.
+
+def generated_images(n, seed):
+    """``n`` uint8 CIFAR-shaped images whose class is learnable: a per-class 4x4
+    colour pattern (upsampled to 32x32) plus noise. 20 steps should lower the loss."""
+    rng = numpy.random.RandomState(seed + 2)
+    templates = rng.standard_normal((config.N_CLASSES, 3, 4, 4))
+    templates = templates.repeat(8, axis=2).repeat(8, axis=3)
+    labels = rng.randint(0, config.N_CLASSES, n).astype(numpy.int32)
+    images = 128 + 40 * templates[labels] + 30 * rng.standard_normal((n, 3, 32, 32))
+    return numpy.clip(numpy.rint(images), 0, 255).astype(numpy.uint8), labels
+
+
+class ResidentBatches(chainer.dataset.Iterator):
+    """Cycles through a few batches already on the device, so that a timed step is
+    the network's work alone (the host pipeline is timed in section 5)."""
+
+    def __init__(self, batches):
+        self.batches, self.count = batches, 0
+        self.epoch, self.is_new_epoch, self.epoch_detail = 0, False, 0.0
+
+    def __next__(self):
+        batch = self.batches[self.count % len(self.batches)]
+        self.count += 1
+        return batch
+
+    next = __next__
+
+
+def method_alpha(row):
+    return config.ALPHA_GS if row.alpha_gs is None else row.alpha_gs
+
+
+def timed_update(updater, device, observation):
+    """One ``updater.update()`` between two synchronisations; seconds."""
+    synchronize(device)
+    start = time.perf_counter()
+    with chainer.Reporter().scope(observation):
+        updater.update()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def summarize_times(times):
+    return {'median_ms': 1e3 * statistics.median(times), 'min_ms': 1e3 * min(times),
+            'mean_ms': 1e3 * statistics.fmean(times), 'n': len(times)}
+
+
+# ---------------------------------------------------------------------------
+# 2. Step time of BP and VFBN, batches resident on the device.
+
+def timing(args, device, report):
+    sec = report.section('timing')
+    sec.update(depth=args.depth, batch=args.batch, warmup=args.warmup, timed=args.timed,
+               what='updater.update() of methods.build(...), batches already on the '
+                    'device; median of synchronised steps after the warm-up',
+               results={})
+    images, labels = generated_images(4 * args.batch, args.seed)
+    it = data.BatchIterator(data.AugmentedDataset(images, labels), args.batch)
+    batches = [tuple(device.send(a) for a in it.next()) for _ in range(4)]
+    for method, alpha_gs in (('bp', None), ('vfbn', 1e-3)):
+        key = method if alpha_gs is None else '%s (alpha_gs=%g)' % (method, alpha_gs)
+        if CLOCK.left() <= 0:
+            sec['results'][key] = {'skipped': 'time budget spent'}
+            continue
+        try:
+            numpy.random.seed(args.seed)
+            setup = methods.build(method, ResidentBatches(batches), device, units=args.depth,
+                                  alpha_gs=alpha_gs if alpha_gs is not None else config.ALPHA_GS)
+            obs = {}
+            first = timed_update(setup.updater, device, obs)
+            for _ in range(args.warmup - 1):
+                timed_update(setup.updater, device, obs)
+            times = [timed_update(setup.updater, device, obs) for _ in range(args.timed)]
+            res = summarize_times(times)
+            res.update(first_step_s=first, final_loss=float(obs['main/loss'].array))
+            if device.xp is not numpy:
+                res['memory_pool_mib'] = device.xp.get_default_memory_pool().total_bytes() / 2 ** 20
+            sec['results'][key] = res
+            log('timing %s: median %.1f ms/step (first step %.1f s), %.0f images/s'
+                % (key, res['median_ms'], first, args.batch / res['median_ms'] * 1e3))
+            del setup
+        except Exception as e:
+            sec['results'][key] = short_error(e)
+            log('timing %s: ERROR %s' % (key, sec['results'][key]['error']))
+        free_device_memory(device)
+        report.save()
+    bp, vf = sec['results'].get('bp', {}), sec['results'].get('vfbn (alpha_gs=0.001)', {})
+    if 'median_ms' in bp and 'median_ms' in vf:
+        sec['vfbn_over_bp'] = vf['median_ms'] / bp['median_ms']
+
+
+# ---------------------------------------------------------------------------
+# 3. PyTorch reference: the same network, cuDNN, eager.
+
+def torch_resnet(depth):
+    """The paper's ResNet-110 variant (SPEC section 2) in PyTorch, written to match
+    chainer_vfbn.model layer for layer (parameter count included)."""
+    import torch
+    from torch import nn
+
+    def bn(ch):  # Chainer's BatchNormalization defaults: eps 2e-5, decay 0.9
+        return nn.BatchNorm2d(ch, eps=2e-5, momentum=0.1)
+
+    class Unit(nn.Module):
+        def __init__(self, in_ch, out_ch, stride):
+            super().__init__()
+            self.pad, self.stride = out_ch - in_ch, stride
+            self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+            self.bn1 = bn(out_ch)
+            self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+            self.bn2 = bn(out_ch)
+
+        def forward(self, x):
+            h = torch.relu(self.bn1(self.conv1(x)))
+            h = self.bn2(self.conv2(h))
+            s = x[:, :, ::self.stride, ::self.stride] if self.stride != 1 else x
+            if self.pad:  # parameter-free shortcut: zero channels appended
+                s = nn.functional.pad(s, (0, 0, 0, 0, 0, self.pad))
+            return torch.relu(h + s)
+
+    class ResNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, config.STEM_CHANNELS, 3, 1, 0, bias=True)
+            self.bn1 = bn(config.STEM_CHANNELS)
+            self.units = nn.Sequential(*[Unit(*s) for s in model.unit_specs(depth)])
+            self.fc = nn.Linear(config.BLOCK_CHANNELS[-1], config.N_CLASSES)
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):  # He-normal, as the Chainer model
+                    nn.init.kaiming_normal_(m.weight, mode='fan_in', nonlinearity='relu')
+
+        def forward(self, x):
+            h = self.units(torch.relu(self.bn1(self.conv1(x))))
+            return self.fc(h.mean(dim=(2, 3)))
+
+    return ResNet()
+
+
+def set_tf32(torch, on):
+    """TF32 for cuBLAS and cuDNN on or off; returns the flags as PyTorch reports them."""
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+    return {'matmul.allow_tf32': torch.backends.cuda.matmul.allow_tf32,
+            'cudnn.allow_tf32': torch.backends.cudnn.allow_tf32}
+
+
+def torch_reference(args, gpu, report):
+    sec = report.section('torch')
+    try:
+        import torch
+    except Exception as e:
+        sec['skipped'] = 'PyTorch not importable (%s: %s)' % (type(e).__name__, e)
+        log('torch: skipped, ' + sec['skipped'])
+        return
+    if gpu and not torch.cuda.is_available():
+        sec['skipped'] = 'torch.cuda.is_available() is False'
+        log('torch: skipped, ' + sec['skipped'])
+        return
+    dev = torch.device('cuda' if gpu else 'cpu')
+    torch.manual_seed(args.seed)
+    net = torch_resnet(args.depth).to(dev)
+    n_params = sum(p.numel() for p in net.parameters())
+    lower, upper = model.build_resnet(args.depth)
+    chainer_params = sum(p.size for p in model.Net(lower, upper).params())
+    sec.update(torch=torch.__version__, device=str(dev), depth=args.depth,
+               batch=args.batch, warmup=args.warmup, timed=args.timed,
+               params=n_params, chainer_params=chainer_params,
+               params_match=n_params == chainer_params
+               and (args.depth != 18 or n_params == RESNET110_PARAMS),
+               what='forward + backward + SGD(momentum 0.9, weight decay 1e-4) step, '
+                    'eager (no torch.compile), cudnn.benchmark, NCHW', results={})
+    if gpu:
+        sec['cudnn'] = torch.backends.cudnn.version()
+        torch.backends.cudnn.benchmark = True
+    log('torch: %s on %s, %d parameters (Chainer: %d)'
+        % (torch.__version__, dev, n_params, chainer_params))
+    opt = torch.optim.SGD(net.parameters(), lr=config.LR, momentum=config.MOMENTUM,
+                          weight_decay=config.WEIGHT_DECAY)
+    gen = torch.Generator(device='cpu').manual_seed(args.seed)
+    x = torch.randn(args.batch, 3, config.INPUT_SIZE, config.INPUT_SIZE,
+                    generator=gen).to(dev)
+    t = torch.randint(0, config.N_CLASSES, (args.batch,), generator=gen).to(dev)
+
+    def sync():
+        if gpu:
+            torch.cuda.synchronize()
+
+    def step():
+        sync()
+        start = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(net(x), t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync()
+        return time.perf_counter() - start, loss
+
+    for mode in (('fp32', 'tf32') if gpu else ('fp32',)):
+        if CLOCK.left() <= 0:
+            sec['results'][mode] = {'skipped': 'time budget spent'}
+            continue
+        try:
+            flags = set_tf32(torch, mode == 'tf32') if gpu else {}
+            first, _ = step()
+            for _ in range(args.warmup - 1):
+                step()
+            runs = [step() for _ in range(args.timed)]
+            res = summarize_times([r[0] for r in runs])
+            res.update(first_step_s=first, flags=flags, final_loss=float(runs[-1][1]))
+            sec['results'][mode] = res
+            log('torch %s: median %.1f ms/step (first step %.2f s)'
+                % (mode, res['median_ms'], first))
+        except Exception as e:
+            sec['results'][mode] = short_error(e)
+            log('torch %s: ERROR %s' % (mode, sec['results'][mode]['error']))
+        report.save()
+    if gpu:
+        set_tf32(torch, False)
+        del net, opt, x, t
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------
+# 4. 20 training steps of every Table 1 method, through the real data pipeline.
+
+def all_methods(args, device, report):
+    sec = report.section('methods')
+    sec.update(depth=args.depth, batch=args.batch, steps=args.steps,
+               what='updater.update() on generated class-patterned images through '
+                    'AugmentedDataset + BatchIterator; a step includes building the '
+                    'batch on the host and sending it', results={})
+    images, labels = generated_images(max(512, 2 * args.batch), args.seed)
+    for row in methods.TABLE1:
+        alpha = method_alpha(row)
+        if CLOCK.left() <= 0:
+            sec['results'][row.label] = {'skipped': 'time budget spent'}
+            continue
+        res = sec['results'].setdefault(row.label, {'method': row.method,
+                                                    'alpha_gs': row.alpha_gs})
+        losses, times = [], []
+        try:
+            numpy.random.seed(args.seed)
+            it = data.BatchIterator(data.AugmentedDataset(images, labels), args.batch)
+            setup = methods.build(row.method, it, device, units=args.depth, alpha_gs=alpha)
+            obs = {}
+            for _ in range(args.steps):
+                times.append(timed_update(setup.updater, device, obs))
+                losses.append(float(obs['main/loss'].array))
+            res.update(status='ok', final_loss=losses[-1])
+            for key in ('synth/loss', 'synth/cosine', 'head/loss'):
+                if key in obs:
+                    res['final ' + key] = float(chainer.backend.CpuDevice().send(
+                        getattr(obs[key], 'array', obs[key])))
+            del setup
+        except updaters.NonFiniteError as e:
+            res.update(status='diverged', message=str(e))
+        except Exception as e:
+            res.update(short_error(e), status='error')
+        res.update(losses=losses, finite=bool(numpy.isfinite(losses).all()) if losses else None,
+                   first_step_s=times[0] if times else None,
+                   # steps after the first three (kernel compilation, memory pool growth)
+                   step_ms=1e3 * statistics.median(times[3:] or times) if times else None)
+        log('methods %-28s %s: loss %s -> %s, %s ms/step' % (
+            row.label, res['status'], '%.3f' % losses[0] if losses else '-',
+            '%.3f' % losses[-1] if losses else '-',
+            '%.1f' % res['step_ms'] if times else '-'))
+        free_device_memory(device)
+        report.save()
+    bp = sec['results'].get(methods.TABLE1[0].label, {}).get('step_ms')
+    if bp:
+        for res in sec['results'].values():
+            if res.get('step_ms'):
+                res['ratio_to_bp'] = res['step_ms'] / bp
+
+
+# ---------------------------------------------------------------------------
+# 5. The host-side data pipeline.
+
+def data_pipeline(args, device, report):
+    sec = report.section('data')
+    images, labels = generated_images(2000, args.seed)
+    it = data.BatchIterator(data.AugmentedDataset(images, labels), args.batch)
+    it.next()  # first call: the order permutation
+    start = time.perf_counter()
+    for _ in range(args.data_batches):
+        it.next()
+    host = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(args.data_batches):
+        x, t = it.next()
+        device.send(x), device.send(t)
+    synchronize(device)
+    sent = time.perf_counter() - start
+    n = args.data_batches * args.batch
+    sec.update(batch=args.batch, batches=args.data_batches, processes=1,
+               views_per_s=n / host, views_per_s_with_transfer=n / sent,
+               ms_per_batch=1e3 * host / args.data_batches)
+    log('data: %.0f views/s on the host (%.1f ms per batch of %d), %.0f with the '
+        'transfer to %s' % (sec['views_per_s'], sec['ms_per_batch'], args.batch,
+                            sec['views_per_s_with_transfer'], device))
+
+
+# ---------------------------------------------------------------------------
+# Markdown summary.
+
+def _fmt(x, spec='%.2e'):
+    if x is None:
+        return '-'
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return spec % x
+
+
+def _verdict(ok):
+    return 'PASS' if ok else 'FAIL'
+
+
+def render_markdown(d):
+    s = d['sections']
+    env = s.get('environment', {})
+    lines = ['# Device check: chainer-vfbn on %s' % env.get('gpu', env.get('device', '?')),
+             '', 'Started %s, %.0f s so far. Command: `%s`.'
+             % (d['started'], d.get('elapsed_s', 0), ' '.join(d['argv'])), '']
+    status = d.get('status', {})
+    if status:
+        lines += ['Sections: ' + ', '.join('%s %s' % kv for kv in status.items()), '']
+
+    if env:
+        lines += ['## Environment', '', '| item | value |', '|---|---|']
+        lines += ['| %s | %s |' % (k, env[k]) for k in sorted(env)]
+        lines.append('')
+
+    num = s.get('numerics')
+    if num:
+        lines += ['## Numerics: %s vs CPU, same weights and inputs' % env.get('device', '?'),
+                  '', 'Depth %s units/block, batch %s, train mode. err = max|gpu - cpu| / '
+                  'max|cpu| (gradients: denominator at least %g x the check\'s largest '
+                  'gradient). float32 tolerance: max(%g, %g x noise), noise = the CPU\'s '
+                  'float32 error against its own float64; float64 tolerance %g.'
+                  % (num['depth'], num['batch'], num['group_floor'], num['rtol32'],
+                     num['noise_factor'], num['rtol64']), '',
+                  '| check | quantity | f32 max abs | f32 err | f32 noise | f32 tol | f32 '
+                  '| f64 max abs | f64 err | f64 |', '|---|---|---|---|---|---|---|---|---|---|']
+        for check, c in num.get('checks', {}).items():
+            if 'error' in c:
+                lines.append('| %s | ERROR: %s | | | | | FAIL | | | FAIL |' % (check, c['error']))
+                continue
+            lines += _numerics_rows(check, c['quantities'])
+        lines.append('')
+
+    tim = s.get('timing')
+    if tim:
+        lines += ['## Step time (Chainer, %s)' % env.get('device', '?'), '',
+                  'Depth %s units/block, batch %s; %s (%s warm-up, %s timed).'
+                  % (tim['depth'], tim['batch'], tim['what'], tim['warmup'], tim['timed']),
+                  '', '| method | median ms/step | min ms | images/s | first step s |',
+                  '|---|---|---|---|---|']
+        for key, r in tim['results'].items():
+            lines.append(_time_row(key, r, tim['batch']))
+        if 'vfbn_over_bp' in tim:
+            lines.append('\nVFBN / BP step time: **%.2f**' % tim['vfbn_over_bp'])
+        lines.append('')
+
+    tor = s.get('torch')
+    if tor:
+        lines += ['## PyTorch reference', '']
+        if 'skipped' in tor:
+            lines += ['Skipped: %s' % tor['skipped'], '']
+        else:
+            lines += ['PyTorch %s on %s (cuDNN %s): %s. Parameters %d (Chainer %d): %s.'
+                      % (tor['torch'], tor['device'], tor.get('cudnn', '-'), tor['what'],
+                         tor['params'], tor['chainer_params'],
+                         _verdict(tor['params_match'])), '',
+                      '| mode | median ms/step | min ms | images/s | first step s |',
+                      '|---|---|---|---|---|']
+            for key, r in tor.get('results', {}).items():
+                lines.append(_time_row(key, r, tor['batch']))
+            bp = (tim or {}).get('results', {}).get('bp', {}).get('median_ms')
+            for key, r in tor.get('results', {}).items():
+                if bp and 'median_ms' in r:
+                    lines.append('\nChainer BP / PyTorch %s: **%.2f**' % (key, bp / r['median_ms']))
+            lines.append('')
+
+    met = s.get('methods')
+    if met:
+        lines += ['## %d training steps of every Table 1 method' % met['steps'], '',
+                  'Depth %s units/block, batch %s; %s.' % (met['depth'], met['batch'], met['what']),
+                  '', '| row | status | first loss | final loss | finite | ms/step | / BP '
+                  '| first step s |', '|---|---|---|---|---|---|---|---|']
+        for label, r in met['results'].items():
+            if 'skipped' in r:
+                lines.append('| %s | skipped: %s | | | | | | |' % (label, r['skipped']))
+                continue
+            status = r.get('status', '?')
+            if status != 'ok':
+                status += ': ' + r.get('error', r.get('message', ''))
+            losses = r.get('losses') or []
+            lines.append('| %s | %s | %s | %s | %s | %s | %s | %s |' % (
+                label, status, _fmt(losses[0] if losses else None, '%.4f'),
+                _fmt(losses[-1] if losses else None, '%.4f'), r.get('finite'),
+                _fmt(r.get('step_ms'), '%.1f'), _fmt(r.get('ratio_to_bp'), '%.2f'),
+                _fmt(r.get('first_step_s'), '%.2f')))
+        lines.append('')
+
+    dat = s.get('data')
+    if dat and 'views_per_s' in dat:
+        lines += ['## Data pipeline', '',
+                  'AugmentedDataset + BatchIterator, batch %d, one process: **%.0f views/s** '
+                  '(%.1f ms per batch); %.0f views/s including the transfer to the device.'
+                  % (dat['batch'], dat['views_per_s'], dat['ms_per_batch'],
+                     dat['views_per_s_with_transfer']), '']
+
+    errors = [(name, sec) for name, sec in s.items() if isinstance(sec, dict) and 'error' in sec]
+    if errors:
+        lines += ['## Errors', '']
+        for name, sec in errors:
+            lines += ['### %s: %s' % (name, sec['error']), '', '```']
+            lines += sec.get('traceback', [])
+            lines += ['```', '']
+    return '\n'.join(lines)
+
+
+def _numerics_rows(check, rows):
+    """Non-gradient quantities one per row; gradients grouped by network, worst shown;
+    every failing gradient listed on its own."""
+    out, groups = [], {}
+    for r in rows:
+        name = r['quantity']
+        if name.startswith('grad '):
+            group = name.split('/')[0]  # 'grad lower', 'grad upper', 'grad v_f'
+            groups.setdefault(group, []).append(r)
+        else:
+            out.append(_numerics_row(check, name, r))
+    for group, rs in groups.items():
+        worst32 = max(rs, key=lambda r: r['f32_err'] / r['f32_tol'])
+        worst64 = max(rs, key=lambda r: r['f64_err'])
+        merged = dict(worst32, f64_max_abs=worst64['f64_max_abs'], f64_err=worst64['f64_err'],
+                      f32_pass=all(r['f32_pass'] for r in rs),
+                      f64_pass=all(r['f64_pass'] for r in rs))
+        out.append(_numerics_row(check, '%s/* (%d arrays; worst f32: %s, f64: %s)' % (
+            group, len(rs), worst32['quantity'], worst64['quantity']), merged))
+        out += [_numerics_row(check, r['quantity'], r) for r in rs
+                if not (r['f32_pass'] and r['f64_pass'])]
+    return out
+
+
+def _numerics_row(check, name, r):
+    return '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |' % (
+        check, name, _fmt(r['f32_max_abs']), _fmt(r['f32_err']), _fmt(r['f32_noise']),
+        _fmt(r['f32_tol']), _verdict(r['f32_pass']), _fmt(r['f64_max_abs']),
+        _fmt(r['f64_err']), _verdict(r['f64_pass']))
+
+
+def _time_row(key, r, batch):
+    if 'median_ms' not in r:
+        return '| %s | %s | | | |' % (key, r.get('skipped') or 'ERROR: ' + r.get('error', '?'))
+    return '| %s | %.1f | %.1f | %.0f | %.2f |' % (
+        key, r['median_ms'], r['min_ms'], batch / r['median_ms'] * 1e3, r['first_step_s'])
+
+
+# ---------------------------------------------------------------------------
+
+def main(argv=None):
+    global CLOCK
+    args = parse_args(argv)
+    CLOCK = Clock(args.budget_s)
+    gpu = args.device != '@numpy'
+    if gpu:
+        problem = cuda_problem(args.device)
+        if problem:
+            print('CuPy/CUDA not available: %s' % problem, flush=True)
+            return 0
+
+    os.makedirs(args.out, exist_ok=True)
+    report = Report(args.out, args)
+    device = chainer.get_device(args.device)
+    device.use()
+    log('device check on %s: sections %s, budget %.0f s'
+        % (device, ', '.join(args.sections), args.budget_s))
+    report.data['status'] = status = {}
+    try:
+        report.data['sections']['environment'] = environment(device, gpu)
+        log('environment: ' + json.dumps(report.data['sections']['environment']))
+    except Exception as e:
+        report.data['sections']['environment'] = short_error(e)
+    report.save()
+
+    runners = {'numerics': lambda: numerics(args, device, report),
+               'timing': lambda: timing(args, device, report),
+               'torch': lambda: torch_reference(args, gpu, report),
+               'methods': lambda: all_methods(args, device, report),
+               'data': lambda: data_pipeline(args, device, report)}
+    for name in SECTIONS:
+        if name not in args.sections:
+            continue
+        if CLOCK.left() <= 0:
+            status[name] = 'skipped (time budget)'
+            report.save()
+            continue
+        log('--- section %s' % name)
+        status[name] = 'running'
+        report.save()
+        try:
+            runners[name]()
+            status[name] = 'done'
+        except Exception as e:
+            report.section(name).update(short_error(e))
+            status[name] = 'error'
+            log('%s: ERROR %s' % (name, report.section(name)['error']))
+        free_device_memory(device)
+        report.save()
+    num = report.data['sections'].get('numerics', {})
+    if 'passed' in num:
+        log('numerics: %s' % _verdict(num['passed']))
+    log('done; wrote %s and %s' % (report.json_path, report.md_path))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Shared fixtures: small, seeded stand-ins for the datasets (SPEC section 6).
+
+The development machines cannot download CIFAR-10, so the tests write their own
+files in its exact format: ``cifar-10-python.tar.gz`` holding ``cifar-10-batches-py/``
+with five ``data_batch_N`` and one ``test_batch``, each a Python pickle with byte-string
+keys, ``b'data'`` a uint8 ``(n, 3072)`` array (per row: 1024 red, 1024 green, 1024 blue
+bytes, each channel row-major) and ``b'labels'`` a list of ints. The Fashion-MNIST
+stand-in is four gzipped idx files (big-endian magic ``0x00000803`` for images,
+``0x00000801`` for labels, then the dimensions), as Debian's
+``dataset-fashion-mnist`` installs them.
+
+``chainer_vfbn`` is imported here, before anything imports ``chainer``, so that its
+NumPy-2 compatibility shim applies to every test.
+"""
+import gzip
+import io
+import os
+import pickle
+import struct
+import sys
+import tarfile
+import types
+
+import numpy
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import chainer_vfbn  # noqa: E402,F401  (the shim must precede `import chainer`)
+
+CIFAR_PER_BATCH = 20
+CIFAR_BATCH_NAMES = ['data_batch_%d' % i for i in range(1, 6)] + ['test_batch']
+
+
+# ---------------------------------------------------------------------------
+# CIFAR-10 format.
+
+def cifar_batch_blob(data, labels, batch_label=b'testing batch'):
+    """One CIFAR-10 python batch as the bytes of its pickle (protocol 2, as the
+    original Python 2 files; read back with ``encoding='bytes'``)."""
+    return pickle.dumps({b'batch_label': batch_label,
+                         b'labels': [int(t) for t in labels],
+                         b'data': data,
+                         b'filenames': [b'img_%d.png' % i for i in range(len(labels))]},
+                        protocol=2)
+
+
+def write_cifar_archive(path, blobs):
+    """Write a ``.tar.gz`` whose members are ``cifar-10-batches-py/<name>``."""
+    with tarfile.open(path, 'w:gz') as tar:
+        for name, blob in blobs.items():
+            info = tarfile.TarInfo('cifar-10-batches-py/' + name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return path
+
+
+@pytest.fixture(scope='session')
+def cifar_batches():
+    """The raw content of the fake CIFAR-10: ``{name: (data uint8 (20, 3072),
+    labels int list)}`` for the five training batches and the test batch."""
+    rng = numpy.random.RandomState(1234)
+    return {name: (rng.randint(0, 256, size=(CIFAR_PER_BATCH, 3072)).astype(numpy.uint8),
+                   [int(t) for t in rng.randint(0, 10, size=CIFAR_PER_BATCH)])
+            for name in CIFAR_BATCH_NAMES}
+
+
+@pytest.fixture(scope='session')
+def cifar_archive(tmp_path_factory, cifar_batches):
+    """Path of a complete, small ``cifar-10-python.tar.gz`` (20 images per batch)."""
+    blobs = {name: cifar_batch_blob(*cifar_batches[name]) for name in CIFAR_BATCH_NAMES}
+    blobs['batches.meta'] = pickle.dumps(
+        {b'label_names': [b'class%d' % i for i in range(10)],
+         b'num_cases_per_batch': CIFAR_PER_BATCH, b'num_vis': 3072}, protocol=2)
+    blobs['readme.html'] = b'<html>fake CIFAR-10 for the tests</html>'
+    folder = tmp_path_factory.mktemp('cifar_archive')
+    return str(write_cifar_archive(str(folder / 'cifar-10-python.tar.gz'), blobs))
+
+
+@pytest.fixture(scope='session')
+def cifar_folder(tmp_path_factory, cifar_archive):
+    """Path of the extracted ``cifar-10-batches-py`` folder of :func:`cifar_archive`."""
+    dest = tmp_path_factory.mktemp('cifar_extracted')
+    with tarfile.open(cifar_archive, 'r:gz') as tar:
+        tar.extractall(str(dest), filter='data')
+    return str(dest / 'cifar-10-batches-py')
+
+
+@pytest.fixture(scope='session')
+def tiny_images():
+    """Four random uint8 images ``(4, 3, 32, 32)`` and their int32 labels."""
+    rng = numpy.random.RandomState(99)
+    images = rng.randint(0, 256, size=(4, 3, 32, 32)).astype(numpy.uint8)
+    labels = rng.randint(0, 10, size=4).astype(numpy.int32)
+    return images, labels
+
+
+# ---------------------------------------------------------------------------
+# Fashion-MNIST format.
+
+def write_idx_gz(path, array, magic=None):
+    """Write a uint8 array as a gzipped idx file; ``magic`` defaults to the right
+    one for its number of dimensions (``0x800 + ndim``)."""
+    array = numpy.ascontiguousarray(array, dtype=numpy.uint8)
+    magic = 0x800 + array.ndim if magic is None else magic
+    header = struct.pack('>I', magic) + struct.pack('>' + 'I' * array.ndim, *array.shape)
+    with gzip.open(path, 'wb') as f:
+        f.write(header + array.tobytes())
+    return path
+
+
+def write_fashion_mnist(folder, n_train=6, n_test=4, seed=0, image_magic=None):
+    """Write the four Fashion-MNIST files into ``folder``; return their content
+    as ``SimpleNamespace(path, train_x, train_y, test_x, test_y)`` (28x28 uint8)."""
+    rng = numpy.random.RandomState(seed)
+    out = types.SimpleNamespace(path=str(folder))
+    for split, prefix, n in (('train', 'train', n_train), ('test', 't10k', n_test)):
+        x = rng.randint(0, 256, size=(n, 28, 28)).astype(numpy.uint8)
+        y = rng.randint(0, 10, size=n).astype(numpy.uint8)
+        write_idx_gz(os.path.join(str(folder), '%s-images-idx3-ubyte.gz' % prefix), x,
+                     magic=image_magic)
+        write_idx_gz(os.path.join(str(folder), '%s-labels-idx1-ubyte.gz' % prefix), y)
+        setattr(out, split + '_x', x)
+        setattr(out, split + '_y', y)
+    return out
+
+
+@pytest.fixture(scope='session')
+def fashion_mnist_folder(tmp_path_factory):
+    """A small, valid fake Fashion-MNIST folder (6 training, 4 test images)."""
+    return write_fashion_mnist(tmp_path_factory.mktemp('fashion_mnist'))
+
+
+@pytest.fixture(scope='session')
+def fashion_mnist_writer():
+    """:func:`write_fashion_mnist`, for tests that need a variant (bad magic, ...)."""
+    return write_fashion_mnist
+
+
+@pytest.fixture(scope='session')
+def cifar_writer():
+    """``(cifar_batch_blob, write_cifar_archive)``, for tests that build broken archives."""
+    return cifar_batch_blob, write_cifar_archive

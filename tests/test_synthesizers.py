@@ -1,0 +1,146 @@
+"""Synthesizers against independent oracles (SPEC section 3; paper eq. 3, 6, 8, 9).
+
+Sign convention pinned here: ``delta_hat`` is the gradient of the batch-mean
+cross-entropy *loss*, ``W^T (softmax(W h) - y) / B``; the paper's eq. 8 and 9 print
+``(y - softmax)``, the log-likelihood gradient, which is the same vector negated.
+"""
+import chainer_vfbn  # noqa: F401  (compat shim before chainer)
+
+import chainer
+import numpy
+import pytest
+from chainer import gradient_check
+
+from chainer_vfbn import synthesizers as S
+
+F64 = numpy.float64
+
+
+def softmax(z):
+    e = numpy.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def onehot(y, k=10):
+    return numpy.eye(k)[y]
+
+
+@pytest.fixture
+def f64():
+    with chainer.using_config('dtype', F64):
+        yield
+
+
+@pytest.mark.numpy1
+def test_linear_vfbn_is_eq8_in_loss_form(f64):
+    rng = numpy.random.RandomState(0)
+    B, D = 7, 12
+    h, y = rng.randn(B, D), rng.randint(0, 10, B).astype(numpy.int32)
+    synth = S.LinearVFBN(D)
+    W = synth.v_f.W.array
+    got = synth(h, y).array
+    paper_eq8 = (onehot(y) - softmax(h @ W.T)) @ W      # W^T (y - softmax(W h))
+    numpy.testing.assert_allclose(got, -paper_eq8 / B, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.numpy1
+def test_mlp_vfbn_is_eq9_in_loss_form(f64):
+    rng = numpy.random.RandomState(1)
+    B, D, H = 5, 9, 6
+    h, y = rng.randn(B, D), rng.randint(0, 10, B).astype(numpy.int32)
+    synth = S.MLPVFBN(D, H)
+    W1, W2 = synth.v_f.l1.W.array, synth.v_f.l2.W.array
+    a = h @ W1.T
+    fprime = 1 - numpy.tanh(a) ** 2                            # f = tanh
+    paper_eq9 = (fprime * ((onehot(y) - softmax(numpy.tanh(a) @ W2.T)) @ W2)) @ W1
+    numpy.testing.assert_allclose(synth(h, y).array, -paper_eq9 / B, rtol=1e-12, atol=1e-15)
+
+
+def _ce_through(v_f, h, y):
+    with chainer.using_config('train', True):
+        return float(chainer.functions.softmax_cross_entropy(v_f(h), y).array)
+
+
+def test_conv_vfbn_delta_hat_matches_finite_differences(f64):
+    rng = numpy.random.RandomState(2)
+    h = rng.randn(3, 4, 3, 3)
+    y = rng.randint(0, 10, 3).astype(numpy.int32)
+    synth = S.VFBN(S.VirtualForward(4))
+    got = synth(h, y).array
+    num, = gradient_check.numerical_grad(lambda: (numpy.asarray(_ce_through(synth.v_f, h, y)),),
+                                         (h,), (numpy.asarray(1.0),), eps=1e-6)
+    numpy.testing.assert_allclose(got, num, rtol=1e-5, atol=1e-9)
+
+
+def test_eq3_gradient_wrt_vf_params_matches_finite_differences(f64):
+    """Double backprop: d/dtheta ||delta_hat(theta) - delta||^2 / B."""
+    rng = numpy.random.RandomState(3)
+    h = rng.randn(3, 4, 3, 3)
+    y = rng.randint(0, 10, 3).astype(numpy.int32)
+    delta = rng.randn(*h.shape) * 0.05
+    synth = S.VFBN(S.VirtualForward(4))
+    synth.cleargrads()
+    synth.loss(synth(h, y), delta, 1.0).backward()
+
+    def e():
+        return numpy.asarray(float(synth.loss(synth(h, y), delta, 1.0).array)),
+
+    params = [synth.v_f.res1.a.conv.W, synth.v_f.res2.b.bn.gamma, synth.v_f.fc.W]
+    for p in params:
+        num, = gradient_check.numerical_grad(e, (p.array,), (numpy.asarray(1.0),), eps=1e-6)
+        numpy.testing.assert_allclose(p.grad, num, rtol=1e-4, atol=1e-9, err_msg=p.name)
+        assert numpy.abs(p.grad).max() > 0
+
+
+def test_label_maps_are_constant_one_hot_planes():
+    h = numpy.random.randn(2, 3, 4, 5).astype(numpy.float32)
+    y = numpy.array([7, 2], numpy.int32)
+    hy = S.label_maps(h, y).array
+    assert hy.shape == (2, 13, 4, 5)
+    numpy.testing.assert_array_equal(hy[:, :3], h)
+    for b in range(2):
+        for k in range(10):
+            assert (hy[b, 3 + k] == float(k == y[b])).all()
+
+
+@pytest.mark.parametrize('cls', [S.JaderbergLinear, S.JaderbergResNet])
+def test_jaderberg_starts_at_zero_and_works_in_units_of_s(cls):
+    rng = numpy.random.RandomState(4)
+    h = rng.randn(4, 64, 11, 11).astype(numpy.float32)
+    y = rng.randint(0, 10, 4).astype(numpy.int32)
+    synth = cls()
+    out = synth(h, y)
+    assert out.shape == h.shape and not out.array.any()
+    # Output in units of s: delta_hat = s * out; eq. 3's target is delta / s.
+    o = rng.randn(*h.shape).astype(numpy.float32)
+    delta = rng.randn(*h.shape).astype(numpy.float32) * 1e-4
+    s = numpy.float32(3e-5)
+    numpy.testing.assert_allclose(synth.to_gradient(o, s), o * s, rtol=1e-6)
+    expected = ((o - delta / s) ** 2).sum() / 4
+    numpy.testing.assert_allclose(float(synth.loss(chainer.Variable(o), delta, s).array),
+                                  expected, rtol=1e-4)
+    # The literal (unscaled) ablation regresses delta itself.
+    raw = cls(scaled=False)
+    numpy.testing.assert_array_equal(raw.to_gradient(o, s), o)
+    numpy.testing.assert_allclose(float(raw.loss(chainer.Variable(o), delta, s).array),
+                                  ((o - delta) ** 2).sum() / 4, rtol=1e-5)
+
+
+def test_jaderberg_resnet_layout_matches_appendix_b1():
+    synth = S.JaderbergResNet()
+    convs = [l for l in synth.links() if isinstance(l, chainer.links.Convolution2D)]
+    bns = [l for l in synth.links() if isinstance(l, chainer.links.BatchNormalization)]
+    assert len(convs) == 6 and len(bns) == 5  # every conv but the last has BN
+    assert convs and all(c.W.shape[2:] == (3, 3) for c in convs)
+    assert synth.stem.conv.W.shape == (64, 74, 3, 3)
+    assert S.JaderbergLinear().conv.W.shape == (64, 74, 5, 5)
+
+
+def test_vfbn_normalized_loss_divides_by_s_squared():
+    rng = numpy.random.RandomState(5)
+    a = rng.randn(2, 64, 11, 11).astype(numpy.float32)
+    d = rng.randn(2, 64, 11, 11).astype(numpy.float32)
+    plain = S.VFBN(S.VirtualForward(64)).loss(chainer.Variable(a), d, 0.5)
+    norm = S.VFBN(S.VirtualForward(64), normalized_loss=True).loss(chainer.Variable(a), d, 0.5)
+    numpy.testing.assert_allclose(float(plain.array), ((a - d) ** 2).sum() / 2, rtol=1e-5)
+    numpy.testing.assert_allclose(float(norm.array), float(plain.array) / 0.25, rtol=1e-6)
