@@ -123,7 +123,9 @@ def install():
         numpy.float = float  # what the alias meant until NumPy 1.24
         applied.append('numpy.float')
     if not _importable('numpy.distutils.system_info'):
-        sys.modules.update(_system_info_stub())
+        stubs = _system_info_stub()
+        sys.modules.update(stubs)
+        numpy.distutils = stubs['numpy.distutils']  # NumPy's __getattr__ would refuse
         applied.append('numpy.distutils.system_info')
     if not _importable('pkg_resources'):
         sys.modules.update(_pkg_resources_stub())

@@ -21,6 +21,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import sys
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -45,6 +46,7 @@ STYLES = {
     ('vfbn', 1e-3): ('tab:blue', '-'),
 }
 OTHER_STYLE = ('tab:purple', ':')
+VARIANT_STYLES = ('-', '--', '-.', ':')
 
 FIDELITY_KEYS = (  # log key, axis label, reference line, panel title
     ('synth/cosine', r'$\cos(\hat\delta, \delta)$', 0.0,
@@ -53,6 +55,11 @@ FIDELITY_KEYS = (  # log key, axis label, reference line, panel title
      'relative error of the synthetic gradient (dotted 1: no better than '
      r'$\hat\delta = 0$)'),
 )
+
+
+#: args.json keys that say where or on what a run ran, not what it computed.
+PER_RUN_KEYS = ('seed', 'out', 'resume', 'progress', 'synth', 'versions', 'machine',
+                'device', 'gpu', 'data_dir')
 
 
 class RunError(Exception):
@@ -83,11 +90,25 @@ class Run(object):
         return (self.row.method, self.row.alpha_gs) if self.row else None
 
     @property
+    def config(self):
+        """What the run computed, seed aside: runs with equal configs are seeds of
+        one experiment."""
+        return tuple(sorted((k, json.dumps(v)) for k, v in self.args.items()
+                            if k not in PER_RUN_KEYS))
+
+    @property
     def train_images(self):
         """Training images actually used (``--train-images`` cuts the set)."""
         full = TRAIN_SIZES.get(self.args.get('dataset'))
         n = self.args.get('train_images')
         return min(n, full) if n and full else (n or full)
+
+    @property
+    def diverged_at(self):
+        """The iteration that went non-finite, as train.py's message names it
+        (result.json's ``iteration`` counts the iterations completed before it)."""
+        m = re.search(r'diverged at iteration (\d+)', self.result.get('message', ''))
+        return int(m.group(1)) if m else self.last_iteration
 
     @property
     def last_iteration(self):
@@ -137,18 +158,24 @@ def load_run(path, need_log=False):
 
 
 def group_runs(runs):
-    """Runs by curve: one group per Table 1 row, and per (dataset, depth) when the
-    runs mix several. Returns ``[(label, runs)]`` in Table 1 order."""
-    configs = sorted({(r.args.get('dataset'), r.args.get('depth')) for r in runs}, key=str)
+    """Runs by curve: one group per Table 1 row and configuration, the seeds of one
+    experiment together. Returns ``[(label, runs)]`` in Table 1 order; where one
+    row has several configurations, each label names the arguments that differ."""
     order = {(row.method, row.alpha_gs): i for i, row in enumerate(methods.TABLE1)}
     groups = collections.OrderedDict()
     for r in sorted(runs, key=lambda r: (order.get(r.row_key, len(order)), r.label,
-                                         str(r.args.get('dataset')), r.args.get('depth') or 0)):
-        label = r.label
-        if len(configs) > 1:
-            label += ' [%s, depth %s]' % (r.args.get('dataset'), r.args.get('depth'))
-        groups.setdefault(label, []).append(r)
-    return list(groups.items())
+                                         r.config)):
+        groups.setdefault((r.label, r.config), []).append(r)
+    out = []
+    for (label, config), group in groups.items():
+        siblings = [dict(c) for l, c in groups if l == label]
+        differ = sorted(k for k in dict(config)
+                        if len({s.get(k) for s in siblings}) > 1)
+        if differ:
+            label += ' [%s]' % ', '.join('%s=%s' % (k, json.loads(dict(config)[k]))
+                                         for k in differ)
+        out.append((label, group))
+    return out
 
 
 def aggregate(series_list):
@@ -170,7 +197,7 @@ def legend_label(label, runs):
         text += ' (%d seeds, min-max band)' % len(runs)
     diverged = [r for r in runs if r.status == 'diverged']
     if diverged:
-        at = ', '.join(str(r.last_iteration) for r in diverged)
+        at = ', '.join(str(r.diverged_at) for r in diverged)
         if len(diverged) == len(runs):
             text += ' - DIVERGED at iteration %s' % at
         else:
@@ -212,10 +239,13 @@ def _new_figure(nrows, height):
     return fig, [fig.add_subplot(nrows, 1, i + 1) for i in range(nrows)]
 
 
-def _draw(ax, label, runs, key, unit, scale=1.0):
+def _draw(ax, label, runs, key, unit, variant=0, scale=1.0):
     """One row's line (mean over seeds), its min-max band, and an x where a run
-    diverged. Returns False when no run of the group logged ``key``."""
+    diverged. ``variant`` > 0 (another configuration of the same row) changes the
+    line style. Returns False when no run of the group logged ``key``."""
     color, style = STYLES.get(runs[0].row_key, OTHER_STYLE)
+    if variant:
+        style = VARIANT_STYLES[(VARIANT_STYLES.index(style) + variant) % len(VARIANT_STYLES)]
     series = [[(x, scale * v) for x, v in r.series(key, unit)] for r in runs]
     xs, mean, lo, hi = aggregate(series)
     if not xs:
@@ -232,11 +262,21 @@ def _draw(ax, label, runs, key, unit, scale=1.0):
     return True
 
 
+def _with_variants(groups):
+    """``(label, runs, k)``: k counts the earlier groups of the same Table 1 row."""
+    seen = collections.Counter()
+    for label, runs in groups:
+        yield label, runs, seen[runs[0].row_key]
+        seen[runs[0].row_key] += 1
+
+
 def _legend(fig, ax):
-    """The legend below the axes, where it hides no curve."""
+    """The legend below the axes, where it hides no curve; one column when the
+    labels are long."""
     handles, labels = ax.get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc='outside lower center', ncol=2, fontsize=8,
+        ncol = 2 if max(len(l) for l in labels) <= 50 else 1
+        fig.legend(handles, labels, loc='outside lower center', ncol=ncol, fontsize=8,
                    frameon=False)
 
 
@@ -253,8 +293,8 @@ def plot_error(runs, prefix, unit='epoch'):
     """Figure 3: test error (%) against training progress, one line per Table 1 row.
     Writes ``PREFIX_error.png`` and ``.pdf``; returns their paths."""
     fig, (ax,) = _new_figure(1, 5.5)
-    for label, group in group_runs(runs):
-        _draw(ax, label, group, 'validation/main/error', unit, scale=100.0)
+    for label, group, variant in _with_variants(group_runs(runs)):
+        _draw(ax, label, group, 'validation/main/error', unit, variant, scale=100.0)
     what, test = describe(runs)
     ax.set_title('Test error during training (cf. the paper\'s Figure 3)\n%s\n%s'
                  % (what, test), fontsize=10)
@@ -275,9 +315,13 @@ def plot_fidelity(runs, prefix, unit='epoch'):
                      or r.args.get('method') in methods.SYNTHESIZERS + ('layerwise',)]
     groups = group_runs(with_fidelity)
     for ax, (key, name, reference, title) in zip(axes, FIDELITY_KEYS):
-        for label, group in groups:
-            _draw(ax, label, group, key, unit)
+        for label, group, variant in _with_variants(groups):
+            _draw(ax, label, group, key, unit, variant)
         ax.axhline(reference, color='0.4', linewidth=1, linestyle=':')
+        values = [v for r in with_fidelity for _, v in r.series(key, unit)]
+        if reference > 0 and values and max(values) > 10 * reference:
+            ax.set_yscale('log')  # a diverging synthesizer's error spans decades
+            title += '; log scale'
         ax.set_title(title, fontsize=9, loc='left')
         ax.set_ylabel(name)
         ax.set_xlim(left=0)

@@ -72,13 +72,14 @@ def view_table(size=32, out=config.INPUT_SIZE):
 
 
 def standardize(views, eps=config.STANDARDIZE_EPS):
-    """Per view and channel: ``(v - mean) / (std + eps)`` over the pixels."""
-    views = views.astype(numpy.float32)
-    mean = views.mean(axis=(2, 3), keepdims=True)
-    std = views.std(axis=(2, 3), keepdims=True)
-    views -= mean
-    views /= std + eps
-    return views
+    """Per view and channel: ``(v - mean) / (std + eps)`` over the pixels
+    (population std, centred before squaring)."""
+    shape = views.shape
+    v = views.reshape(shape[0] * shape[1], -1).astype(numpy.float32)
+    v -= v.mean(axis=1, keepdims=True)
+    std = numpy.sqrt(numpy.einsum('ij,ij->i', v, v) / v.shape[1])
+    v /= (std + eps)[:, None]
+    return v.reshape(shape)
 
 
 class AugmentedDataset(object):
@@ -98,10 +99,11 @@ class AugmentedDataset(object):
         self.labels = numpy.asarray(labels, dtype=numpy.int32)
         self.views = numpy.arange(config.N_VIEWS) if views is None else numpy.asarray(views)
         rows, cols = view_table()
-        # Flat source index of every output pixel of every view: (36, 24*24).
-        self._flat = (rows[:, :, None] * 32 + cols[:, None, :]).reshape(len(rows), -1)
-        self._flat = self._flat[self.views]
-        self._flat_images = images.reshape(len(images), 3, 32 * 32)
+        # Index into one image (3*32*32 values) of every output value of every view.
+        pixel = (rows[:, :, None] * 32 + cols[:, None, :]).reshape(len(rows), 1, -1)
+        channel = (numpy.arange(3) * 32 * 32)[None, :, None]
+        self._gather = (pixel + channel)[self.views]                  # (V, 3, 576)
+        self._pixels = images.reshape(-1)
 
     @property
     def n_views(self):
@@ -118,8 +120,7 @@ class AugmentedDataset(object):
     def get_batch(self, indices):
         """``(x, t)``: float32 ``(B, 3, 24, 24)`` views and int32 ``(B,)`` labels."""
         images, views = self.locate(indices)
-        flat = self._flat[views][:, None, :]                      # (B, 1, 576)
-        x = numpy.take_along_axis(self._flat_images[images], flat, axis=2)
+        x = self._pixels.take(images[:, None, None] * (3 * 32 * 32) + self._gather[views])
         x = x.reshape(len(x), 3, config.INPUT_SIZE, config.INPUT_SIZE)
         return standardize(x), self.labels[images]
 

@@ -50,8 +50,6 @@ TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 #: train.py arguments that ``run`` sets itself for every run.
 RUNNER_OPTIONS = ('--out', '-o', '--seed', '--method', '--synth', '--alpha-gs',
                   '--resume', '-r')
-#: args.json keys that do not change what a run computes.
-NOT_CONFIG = ('out', 'resume', 'progress', 'synth')
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -86,7 +84,8 @@ def train_command(args, row):
     argv = ['python', 'train.py'] + methods.row_argv(row)
     for action in training.build_parser()._actions:
         dest = action.dest
-        if dest in NOT_CONFIG + ('help', 'method', 'alpha_gs', 'seed') or dest not in args:
+        if dest in ('help', 'method', 'synth', 'alpha_gs', 'seed', 'out', 'resume', 'progress') \
+                or dest not in args:
             continue
         value = args[dest]
         if value == action.default:
@@ -125,8 +124,8 @@ def versions(args):
 #: The facts about a run that Table 1 must state, in the order they are printed.
 FACTS = (
     ('dataset', lambda r: curves.DATASET_NAMES.get(r.args['dataset'], r.args['dataset'])),
-    ('network', lambda r: 'ResNet-%d (depth %d: %d units per block, 6n+2 layers), split %s'
-     % (6 * r.args['depth'] + 2, r.args['depth'], r.args['depth'],
+    ('network', lambda r: '%s, split %s' % (
+        curves.network_name(r.args['depth']),
         'after unit %d of ResBlock-2' % -(-r.args['depth'] // 2)
         if r.args.get('split') is None else 'at unit index %s' % r.args['split'])),
     ('budget', lambda r: budget(r.args, r.train_images)),
@@ -144,29 +143,42 @@ def error_text(runs):
     NaN; 'not run' without runs."""
     if not runs:
         return 'not run'
-    finished = [r for r in runs if r.status == 'finished'
-                and math.isfinite(r.result.get('test_error', float('nan')))]
+    finished = [r for r in runs if r.status == 'finished']
+    errors = [100.0 * r.result.get('test_error', float('nan')) for r in finished]
     diverged = [r for r in runs if r.status == 'diverged']
-    other = [r for r in runs if r not in finished and r not in diverged]
+    unfinished = [r for r in runs if r.status == 'unfinished']
     parts = []
-    if finished:
-        errors = [100.0 * r.result['test_error'] for r in finished]
-        if len(errors) > 1:
-            parts.append('%.2f ± %.2f (%d seeds)' % (statistics.mean(errors),
-                                                     statistics.stdev(errors), len(errors)))
-        else:
-            parts.append('%.2f (1 seed)' % errors[0])
+    if not all(math.isfinite(e) for e in errors):
+        parts.append('result.json without a finite test error: %s'
+                     % ', '.join(r.path for r, e in zip(finished, errors)
+                                 if not math.isfinite(e)))
+        errors = [e for e in errors if math.isfinite(e)]
+    if len(errors) > 1:
+        parts.append('%.2f ± %.2f (%d seeds)' % (statistics.mean(errors),
+                                                 statistics.stdev(errors), len(errors)))
+    elif errors:
+        parts.append('%.2f (1 seed)' % errors[0])
     if diverged:
-        at = ', '.join(str(r.last_iteration) for r in diverged)
-        if finished or other:
+        at = ', '.join(str(r.diverged_at) for r in diverged)
+        if len(diverged) < len(runs):
             parts.append('%d of %d seeds diverged at iteration %s'
                          % (len(diverged), len(runs), at))
         else:
             parts.append('diverged at iteration%s %s' % ('s' if len(diverged) > 1 else '', at))
-    if other:
-        parts.append('%d unfinished (iteration %s)'
-                     % (len(other), ', '.join(str(r.last_iteration) for r in other)))
+    if unfinished:
+        parts.append('%d unfinished (last logged iteration %s)'
+                     % (len(unfinished), ', '.join(str(r.last_iteration) for r in unfinished)))
     return '; '.join(parts)
+
+
+def experiments(runs):
+    """A row's runs split by configuration (:attr:`curves.Run.config`): the seeds
+    of one experiment together, so that no mean mixes two settings. A row without
+    runs gives one empty experiment (its line says 'not run')."""
+    groups = {}
+    for r in runs:
+        groups.setdefault(r.config, []).append(r)
+    return [groups[c] for c in sorted(groups)] or [[]]
 
 
 def seeds_text(runs):
@@ -175,13 +187,13 @@ def seeds_text(runs):
 
 def results_table(run_dirs):
     """Markdown: Table 1 rows in the paper's order with the paper's CIFAR-10 error,
-    ours, the seeds and the exact command; shared facts in a paragraph above.
+    ours, the seeds and the exact command; shared facts in a paragraph above. A row
+    run in several configurations gets one line for each.
 
     ``run_dirs`` are train.py output folders (raises :class:`curves.RunError` for a
     folder without args.json). Runs of methods outside Table 1 are listed below it.
     """
     runs = [curves.load_run(d) for d in run_dirs]
-    by_row = {slug(row): [r for r in runs if r.row == row] for row in methods.TABLE1}
     others = [r for r in runs if r.row is None]
     present = [r for r in runs if r.row is not None]
 
@@ -205,13 +217,14 @@ def results_table(run_dirs):
     lines.append('| ' + ' | '.join(header) + ' |')
     lines.append('|' + '|'.join('---' for _ in header) + '|')
     for row in methods.TABLE1:
-        group = by_row[slug(row)]
-        cells = [row.label, '%.2f' % row.paper_error, error_text(group), seeds_text(group)]
-        for _, get in varying:
-            cells.append('<br>'.join(sorted({get(r) for r in group})) or '-')
-        commands = sorted({train_command(r.args, row) for r in group})
-        cells.append('<br>'.join('`%s`' % c for c in commands) or '-')
-        lines.append('| ' + ' | '.join(c.replace('|', '\\|') for c in cells) + ' |')
+        for group in experiments([r for r in present if r.row == row]):
+            cells = [row.label, '%.2f' % row.paper_error, error_text(group),
+                     seeds_text(group)]
+            for _, get in varying:
+                cells.append('<br>'.join(sorted({get(r) for r in group})) or '-')
+            commands = sorted({train_command(r.args, row) for r in group})
+            cells.append('<br>'.join('`%s`' % c for c in commands) or '-')
+            lines.append('| ' + ' | '.join(c.replace('|', '\\|') for c in cells) + ' |')
     if others:
         lines += ['', 'Runs of methods outside Table 1 (not in the table): ' + ', '.join(
             '%s (%s)' % (r.path, r.label) for r in others) + '.']
@@ -271,8 +284,16 @@ def config_mismatch(recorded, argv):
     """How a folder's args.json differs from what ``argv`` would run ('' if not)."""
     planned = vars(training.parse_args(argv))
     diffs = ['%s %r there, %r now' % (k, recorded.get(k), v) for k, v in sorted(planned.items())
-             if k not in NOT_CONFIG and recorded.get(k) != v]
+             if k not in curves.PER_RUN_KEYS and recorded.get(k) != v]
     return '; '.join(diffs)
+
+
+def outcome(run):
+    """One run's result in a few words, for the progress lines."""
+    if run.status == 'diverged':
+        return 'diverged at iteration %d' % run.diverged_at
+    return 'test error %.2f%% after %d iterations' % (100.0 * run.result['test_error'],
+                                                     run.last_iteration)
 
 
 def _duration(seconds):
@@ -310,8 +331,7 @@ class Runner(object):
                 return 'failed'
             run = curves.load_run(out)
             if run.status in ('finished', 'diverged'):
-                self.say('%s: skipped, already %s (%s)' % (name, run.status,
-                                                           error_text([run])))
+                self.say('%s: skipped, already %s (%s)' % (name, run.status, outcome(run)))
                 return run.status
         snapshot = latest_snapshot(out)
         if snapshot:
@@ -326,7 +346,7 @@ class Runner(object):
         if code == 0 and status == 'finished' or \
                 code == training.EXIT_DIVERGED and status == 'diverged':
             self.say('%s: %s in %s: %s' % (name, status, _duration(time.time() - began),
-                                           error_text([run])))
+                                           outcome(run)))
             return status
         if code == training.EXIT_INTERRUPTED or code < 0:
             raise KeyboardInterrupt
@@ -352,6 +372,7 @@ class Runner(object):
             except KeyboardInterrupt:
                 # train.py got the same Ctrl-C: let it save its snapshot and stop.
                 for line in proc.stdout:
+                    sys.stdout.write(line)
                     log.write(line)
                 proc.wait()
                 raise

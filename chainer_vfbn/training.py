@@ -114,6 +114,8 @@ def parse_args(argv=None):
             raise UsageError('--%s must be >= 1' % name.replace('_', '-'))
     if args.alpha_gs < 0:
         raise UsageError('--alpha-gs must be >= 0')
+    if args.resume and not os.path.isfile(args.resume):
+        raise UsageError('--resume %s: no such snapshot file' % args.resume)
     return args
 
 
@@ -257,19 +259,16 @@ def train(args):
     seed_everything(args.seed, device)
     train_set, (test_x, test_y) = load_data(args)
     header(args, device, train_set, test_x)
-    os.makedirs(args.out, exist_ok=True)
-    meta = dict(vars(args), versions=versions(), machine=machine(device))
-    write_json(os.path.join(args.out, 'args.json'), meta)
-    for stale in ('result.json',):
-        if os.path.exists(os.path.join(args.out, stale)):
-            os.remove(os.path.join(args.out, stale))
 
     iterator = data.BatchIterator(train_set, args.batchsize, repeat=True,
                                   order_sampler=SeededShuffle(args.seed))
-    setup = methods.build(args.method, iterator, device, args.depth, args.split,
-                          args.alpha_gs, args.lr, args.momentum, args.weight_decay,
-                          args.diag_interval, args.jaderberg_scale,
-                          args.vfbn_normalized_loss)
+    try:
+        setup = methods.build(args.method, iterator, device, args.depth, args.split,
+                              args.alpha_gs, args.lr, args.momentum, args.weight_decay,
+                              args.diag_interval, args.jaderberg_scale,
+                              args.vfbn_normalized_loss)
+    except ValueError as e:
+        raise UsageError(str(e))
     stop = (args.iterations, 'iteration') if args.iterations else (args.epoch, 'epoch')
     trainer = chainer.training.Trainer(setup.updater, stop, out=args.out)
 
@@ -305,8 +304,6 @@ def train(args):
     trainer.extend(StopOnSignal(snapshot))
 
     if args.resume:
-        if not os.path.isfile(args.resume):
-            raise UsageError('--resume %s: no such snapshot file' % args.resume)
         try:
             chainer.serializers.load_npz(args.resume, trainer)
         except Exception as e:
@@ -314,14 +311,22 @@ def train(args):
                              'same method, depth and split as args.json records'
                              % (args.resume, type(e).__name__, str(e).splitlines()[0]))
 
+    # Only now, with every input checked, touch the output folder.
+    os.makedirs(args.out, exist_ok=True)
+    write_json(os.path.join(args.out, 'args.json'),
+               dict(vars(args), versions=versions(), machine=machine(device)))
+    if os.path.exists(os.path.join(args.out, 'result.json')):
+        os.remove(os.path.join(args.out, 'result.json'))
+
     result = {'method': args.method, 'alpha_gs': args.alpha_gs, 'dataset': args.dataset,
               'depth': args.depth, 'seed': args.seed}
     start = time.time()
     try:
-        trainer.run(show_loop_exception_msg=False)
+        with numpy.errstate(over='ignore', invalid='ignore'):  # NonFiniteError says it
+            trainer.run(show_loop_exception_msg=False)
     except updaters.NonFiniteError as e:
         result.update(status='diverged', message=str(e),
-                      iteration=setup.updater.iteration)
+                      iteration=setup.updater.iteration + 1)
         write_json(os.path.join(args.out, 'result.json'), result)
         raise
     final = evaluator.final(trainer)
@@ -345,7 +350,7 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         train(args)
-    except (UsageError, data.DataError, ValueError) as e:
+    except (UsageError, data.DataError) as e:
         print('%s: error: %s' % (prog, e), file=sys.stderr)
         return EXIT_BAD_INPUT
     except updaters.NonFiniteError as e:

@@ -193,13 +193,13 @@ class DecoupledUpdater(SplitUpdater):
 
     def lower_gradient(self, h, t):
         out = self.synth(chainer.Variable(h), t)      # graph kept for eq. 3
-        scale = self.scale
-        self._pending = (out, scale)
-        return self.synth.to_gradient(out.array, scale)
+        self._pending = out
+        return self.synth.to_gradient(out.array, self.scale)
 
     def after_upper(self, delta, t):
-        out, scale = self._pending
-        self._pending = None
+        # s now includes this iteration's delta (SPEC section 3: the running RMS is
+        # updated after each upper-half backward, before the synthesizer learns).
+        out, self._pending = self._pending, None
         e = self.synth.loss(out, delta, self.scale)
         chainer.report({'synth/loss': e})
         check_finite(self.method, self.iteration + 1, synth_loss=e.array)

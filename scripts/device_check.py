@@ -10,14 +10,16 @@ order, each guarded so that a failure is recorded and the next one still runs:
    logits and every parameter gradient of full backprop (Table 1 "BackProp"), and for
    VFBN (paper eq. 6 and eq. 3, SPEC section 3-4) h, delta, delta_hat, eq. 3 and the
    gradients of v_f (double backprop) and of the lower half (``h.backward()`` with
-   delta_hat); in float32 and float64.
+   delta_hat); in float32 (the float64 run, ``numerics64``, comes last).
 2. ``timing``: one training step of BP and of VFBN (alpha_gs = 1e-3) at full depth,
-   batch 128, the batches already on the device: median over synchronised steps.
+   batch 128, the batches already on the device: median over synchronised steps;
+   then BP again with CuPy's float32 GEMMs on TF32 (PyTorch's TF32 counterpart).
 3. ``torch``: the same ResNet-110 in PyTorch on the same GPU (cuDNN, eager), fp32 and
    TF32, as the yardstick of what this GPU does with this network.
 4. ``methods``: 20 training steps of every Table 1 method (``methods.TABLE1``) through
    the real data pipeline (``AugmentedDataset`` + ``BatchIterator``).
 5. ``data``: the host-side 36-view pipeline's views per second at batch 128.
+6. ``numerics64``: section 1 in float64, where the tolerance can be ~1e-10.
 
 Results go to ``OUT/device_check.json`` and ``OUT/device_check.md``, rewritten after
 every section (and every method), so a run cut off by a timeout keeps what finished.
@@ -30,6 +32,7 @@ Run on the device (Chainer installed from the wheels of build_device_wheels.sh):
     PYTHONPATH=/tmp/site:$PWD python3 scripts/device_check.py --out $OUT
 """
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -57,7 +60,10 @@ import chainer.functions as F  # noqa: E402
 
 from chainer_vfbn import config, data, methods, model, synthesizers, updaters  # noqa: E402
 
-SECTIONS = ('numerics', 'timing', 'torch', 'methods', 'data')
+# Run in this order. float64 comes last: its GPU kernels are compiled for it alone
+# (CuPy compiles every kernel once per dtype), so where compilation is slow it must
+# not delay the float32 timings; a timeout then costs only the float64 check.
+SECTIONS = ('numerics', 'timing', 'torch', 'methods', 'data', 'numerics64')
 RESNET110_PARAMS = 2975594  # SPEC section 2: parameters at 18 units per block
 
 # ---------------------------------------------------------------------------
@@ -65,27 +71,31 @@ RESNET110_PARAMS = 2975594  # SPEC section 2: parameters at 18 units per block
 #   err(q) = max|q_gpu - q_cpu| / max|q_cpu|,
 # because an element-wise relative error is meaningless for the many entries of a
 # gradient that are near zero. A gradient that is zero in exact arithmetic (conv1's
-# bias feeds straight into BN, SPEC section 2) is pure rounding noise; its error is
-# taken relative to GROUP_FLOOR x the largest gradient of the same check instead.
+# bias feeds straight into BN, SPEC section 2) is pure rounding noise (~1e-8 against
+# gradients ~1e-1); so a gradient's denominator is at least GROUP_FLOOR x the largest
+# gradient of the same network (lower half, upper half or v_f).
 GROUP_FLOOR = 1e-3
-# float32: the GPU and the CPU round differently (cuBLAS vs OpenBLAS split and order
+# float32: the GPU and the CPU round differently (cuBLAS and OpenBLAS split and order
 # the sums of the im2col GEMMs differently; CuPy's reductions for BN's batch mean and
-# variance use tree order, NumPy pairwise order), so they differ by float32 rounding
-# noise, amplified by the network's conditioning (BN divides by small batch standard
-# deviations; its backward subtracts nearly equal terms). The size of that noise is
-# measured, not guessed: NOISE32(q) is the error of the CPU's own float32 result
-# against the CPU's float64 result from the same weights. The GPU's float32 error is
-# another draw of the same kind of noise, so it may exceed NOISE32 by a small factor
-# (different order, maxima over many elements): allowed NOISE_FACTOR x NOISE32(q),
-# and never less than RTOL32 (at small depth some quantities, e.g. the loss, are
-# accurate to a few float32 ulps, 2^-23 ~ 1.2e-7).
-NOISE_FACTOR = 10.0
+# variance use another order than NumPy's pairwise sums), so they differ by float32
+# rounding noise, amplified by the network's conditioning (BN divides by batch
+# standard deviations; its backward subtracts nearly equal terms). The size of that
+# noise is measured, not guessed: NOISE32(q) is the error of the CPU's own float32
+# result against the CPU's float64 result from the same weights (on the CPU at depth
+# 2, batch 16: 2e-8 for the loss, ~1e-6 for logits, h, delta and delta_hat, 3e-7 to
+# 1.4e-5 for the parameter gradients). The GPU's float32 error is another draw of
+# the same kind of noise; a different summation order (blocked or sequential partial
+# sums instead of pairwise) can make it larger by a few times, so NOISE_FACTOR x
+# NOISE32(q) is allowed, and never less than RTOL32 (~80 float32 ulps, 2^-23 ~
+# 1.2e-7). That still fails anything systematic: TF32 GEMMs (10-bit mantissa) give
+# ~1e-3, a wrong kernel or a dropped term O(1).
+NOISE_FACTOR = 30.0
 RTOL32 = 1e-5
-# float64: the same rounding-order differences at 2^-52 ~ 2.2e-16 per operation. The
-# worst conditioning seen in float32 on this network (COMPAT.md: ~1e-2 relative for
-# the conv before BN, i.e. an amplification of ~1e5 over float32's eps) gives ~2e-11
-# in float64, so 1e-10 separates rounding from any real difference (a wrong kernel,
-# a dropped term, a wrong dtype) by many orders of magnitude.
+# float64: the same rounding-order differences at 2^-52 ~ 2.2e-16 per operation, that
+# is 2^-29 ~ 2e-9 times the float32 noise above: ~3e-14 for the worst gradient. Even
+# the worst conditioning seen on this network (COMPAT.md: float32 gradients ~1e-2
+# apart across BLAS builds, an amplification of ~1e5 over float32's eps) gives ~2e-11
+# in float64; RTOL64 stays above that and far below any real difference.
 RTOL64 = 1e-10
 
 
@@ -127,10 +137,13 @@ def parse_args(argv=None):
     p.add_argument('--out', '-o', required=True, help='folder for device_check.json/.md')
     p.add_argument('--device', '-d', default='@cupy:0',
                    help='@cupy:N, or @numpy for a dry run on the CPU')
-    p.add_argument('--depth', type=int, default=18,
-                   help='units per block for timing, PyTorch and the methods')
-    p.add_argument('--batch', type=int, default=128, help='batch size of the same')
-    p.add_argument('--steps', type=int, default=20, help='training steps per method')
+    p.add_argument('--depth', type=int, default=None,
+                   help='units per block for timing, PyTorch and the methods '
+                        '(default 18, the paper\'s ResNet-110; --quick: 1)')
+    p.add_argument('--batch', type=int, default=None,
+                   help='batch size of the same (default 128; --quick: 8)')
+    p.add_argument('--steps', type=int, default=None,
+                   help='training steps per method (default 20; --quick: 2)')
     p.add_argument('--warmup', type=int, default=5, help='untimed steps before timing')
     p.add_argument('--timed', type=int, default=20, help='timed steps (median)')
     p.add_argument('--numerics-depth', type=int, default=2,
@@ -140,13 +153,20 @@ def parse_args(argv=None):
                    help='batches timed in the data-pipeline section')
     p.add_argument('--sections', default=','.join(SECTIONS),
                    help='comma-separated subset of: ' + ', '.join(SECTIONS))
-    p.add_argument('--budget-s', type=float, default=270.0,
-                   help='start no new section or method after this many seconds')
+    p.add_argument('--budget-s', type=float, default=240.0,
+                   help='start no new section or method after this many seconds '
+                        '(what runs then still finishes: plan ~60 s more)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--quick', action='store_true',
-                   help='shrink everything: numerics depth 1 batch 4, 1 warm-up, 2 '
-                        'timed steps, 3 data batches (for a dry run)')
+                   help='shrink everything for a dry run: depth 1, batch 8, 2 steps, '
+                        'numerics depth 1 batch 4, 1 warm-up and 2 timed steps, 3 data '
+                        'batches (explicit --depth/--batch/--steps still apply)')
     args = p.parse_args(argv)
+    small = {'depth': 1, 'batch': 8, 'steps': 2}
+    full = {'depth': 18, 'batch': 128, 'steps': 20}
+    for name in small:
+        if getattr(args, name) is None:
+            setattr(args, name, (small if args.quick else full)[name])
     if args.quick:
         args.numerics_depth, args.numerics_batch = 1, 4
         args.warmup, args.timed, args.data_batches = 1, 2, 3
@@ -154,7 +174,7 @@ def parse_args(argv=None):
     bad = [s for s in args.sections if s not in SECTIONS]
     if bad:
         p.error('unknown section(s) %s; choose from %s' % (', '.join(bad), ', '.join(SECTIONS)))
-    for name in ('depth', 'batch', 'steps', 'timed', 'numerics_depth', 'numerics_batch',
+    for name in ('depth', 'batch', 'steps', 'warmup', 'timed', 'numerics_depth', 'numerics_batch',
                  'data_batches'):
         if getattr(args, name) < 1:
             p.error('--%s must be >= 1' % name.replace('_', '-'))
@@ -229,19 +249,27 @@ def _jsonable(x):
     return str(x)
 
 
-def environment(device, gpu):
+def environment(spec, gpu):
     """Versions, GPU and the Chainer/CuPy settings that change what is measured."""
+    cuda = chainer.backends.cuda
     env = {'python': platform.python_version(), 'numpy': numpy.__version__,
            'chainer': chainer.__version__, 'platform': platform.platform(),
-           'cpus': os.cpu_count(), 'device': str(device),
-           'chainer_cuda_available': bool(chainer.backends.cuda.available),
+           'cpus': os.cpu_count(), 'device': spec,
+           'chainer_cuda_available': bool(cuda.available),
            'chainer_cudnn_enabled': bool(chainer.backends.cuda.cudnn_enabled),
            'CUPY_TF32': os.environ.get('CUPY_TF32'),
            'CHAINER_CUDNN': os.environ.get('CHAINER_CUDNN'),
+           # others that change what GPU kernels do (None: not set, the default)
+           'CUPY_ACCELERATORS': os.environ.get('CUPY_ACCELERATORS'),
+           'NVIDIA_TF32_OVERRIDE': os.environ.get('NVIDIA_TF32_OVERRIDE'),
            'compat_repairs': list(chainer_vfbn._compat.applied)}
+    if getattr(cuda, '_resolution_error', None) is not None:
+        # Why Chainer found no CuPy, or (CuPy 14) no cuDNN.
+        env['chainer_cuda_note'] = '%s: %s' % (type(cuda._resolution_error).__name__,
+                                               cuda._resolution_error)
     if gpu:
         import cupy
-        props = cupy.cuda.runtime.getDeviceProperties(device.device.id)
+        props = cupy.cuda.runtime.getDeviceProperties(int(spec.split(':')[1]))
         name = props['name']
         env.update(
             gpu=name.decode() if isinstance(name, bytes) else name,
@@ -346,12 +374,13 @@ def vfbn_quantities(nets, x, t):
 CHECKS = {'bp': backprop_quantities, 'vfbn': vfbn_quantities}
 
 
-def run_check(check, depth, batch, dtype, device, seed):
-    """The check's quantities on the CPU and on ``device``, as host arrays."""
+def run_check(check, depth, batch, dtype, devices, seed):
+    """The check's quantities computed on each of ``devices``, as host arrays, from
+    the same weights and inputs."""
     x, t = numerics_inputs(batch, seed)
     x = x.astype(dtype)
     results = []
-    for dev in (chainer.get_device('@numpy'), device):
+    for dev in devices:
         nets = build_nets(depth, dtype, seed)
         for link in nets.values():
             link.to_device(dev)
@@ -362,12 +391,21 @@ def run_check(check, depth, batch, dtype, device, seed):
     return results
 
 
+def grad_group(name):
+    """``'grad lower/units/0/conv1/W'`` -> ``'grad lower'`` (the network it belongs to);
+    None for a quantity that is not a gradient."""
+    return name.split('/')[0] if name.startswith('grad ') else None
+
+
 def normwise_errors(ref, got):
     """``{name: (max abs error, err, max |ref|)}`` with err as in the module's
-    tolerance notes (GROUP_FLOOR for gradients that are zero in exact arithmetic)."""
-    grads = [numpy.abs(v).max() for k, v in ref.items()
-             if k.startswith('grad ') and v is not None and v.size]
-    group = max(grads) if grads else 0.0
+    tolerance notes: the denominator of a gradient is at least GROUP_FLOOR x the
+    largest gradient of the same network (lower half, upper half or v_f)."""
+    largest = {}
+    for name, r in ref.items():
+        if grad_group(name) and r is not None and r.size:
+            largest[grad_group(name)] = max(largest.get(grad_group(name), 0.0),
+                                            float(numpy.abs(r).max()))
     errors = {}
     for name, r in ref.items():
         g = got.get(name)
@@ -377,58 +415,52 @@ def normwise_errors(ref, got):
         r, g = r.astype(numpy.float64), g.astype(numpy.float64)
         diff = float(numpy.abs(g - r).max()) if r.size else 0.0
         scale = float(numpy.abs(r).max()) if r.size else 0.0
-        denom = max(scale, GROUP_FLOOR * group) if name.startswith('grad ') else scale
+        denom = max(scale, GROUP_FLOOR * largest.get(grad_group(name), 0.0))
         err = diff / denom if denom > 0 else (0.0 if diff == 0 else math.inf)
         errors[name] = (diff, err, scale)
     return errors
 
 
-def numerics(args, device, report):
-    sec = report.section('numerics')
-    sec.update(depth=args.numerics_depth, batch=args.numerics_batch,
-               rtol32=RTOL32, noise_factor=NOISE_FACTOR, rtol64=RTOL64,
-               group_floor=GROUP_FLOOR, checks={})
+def numerics(args, device, report, dtype):
+    """Section ``numerics`` (float32) or ``numerics64`` (float64): every quantity of
+    both checks on the device against the CPU, with the tolerances above."""
+    f32 = dtype == numpy.float32
+    sec = report.section('numerics' if f32 else 'numerics64')
+    sec.update(dtype=numpy.dtype(dtype).name, depth=args.numerics_depth,
+               batch=args.numerics_batch, group_floor=GROUP_FLOOR, checks={})
+    sec.update(rtol=RTOL32, noise_factor=NOISE_FACTOR) if f32 else sec.update(rtol=RTOL64)
+    cpu = chainer.get_device('@numpy')
     for check in CHECKS:
-        log('numerics %s: float32 and float64, depth %d, batch %d'
-            % (check, args.numerics_depth, args.numerics_batch))
+        log('numerics %s, %s: depth %d, batch %d' % (
+            check, sec['dtype'], args.numerics_depth, args.numerics_batch))
         entry = sec['checks'].setdefault(check, {})
         try:
-            cpu32, dev32 = run_check(check, args.numerics_depth, args.numerics_batch,
-                                     numpy.float32, device, args.seed)
-            # The float32 rounding noise of this computation, measured on the CPU
-            # (see NOISE_FACTOR): the float64 run on the CPU is the reference.
-            cpu64, dev64 = run_check(check, args.numerics_depth, args.numerics_batch,
-                                     numpy.float64, device, args.seed)
+            ref, got = run_check(check, args.numerics_depth, args.numerics_batch, dtype,
+                                 (cpu, device), args.seed)
+            if f32:  # the float32 rounding noise, measured on the CPU (NOISE_FACTOR)
+                ref64, = run_check(check, args.numerics_depth, args.numerics_batch,
+                                   numpy.float64, (cpu,), args.seed)
+                noise = normwise_errors(ref64, ref)
         except Exception as e:
             entry.update(short_error(e), passed=False)
             log('numerics %s: ERROR %s' % (check, entry['error']))
             report.save()
             continue
-        noise = normwise_errors(cpu64, cpu32)
-        err32, err64 = normwise_errors(cpu32, dev32), normwise_errors(cpu64, dev64)
         rows = []
-        for name in cpu32:
-            tol32 = max(RTOL32, NOISE_FACTOR * noise[name][1])
-            rows.append({
-                'quantity': name, 'shape': list(cpu32[name].shape)
-                if cpu32[name] is not None else None, 'scale': err32[name][2],
-                'f32_max_abs': err32[name][0], 'f32_err': err32[name][1],
-                'f32_noise': noise[name][1], 'f32_tol': tol32,
-                'f32_pass': err32[name][1] <= tol32,
-                'f64_max_abs': err64[name][0], 'f64_err': err64[name][1],
-                'f64_tol': RTOL64, 'f64_pass': err64[name][1] <= RTOL64})
-        entry.update(quantities=rows,
-                     f32_pass=all(r['f32_pass'] for r in rows),
-                     f64_pass=all(r['f64_pass'] for r in rows))
-        entry['passed'] = entry['f32_pass'] and entry['f64_pass']
-        worst32 = max(rows, key=lambda r: r['f32_err'] / r['f32_tol'])
-        worst64 = max(rows, key=lambda r: r['f64_err'] / r['f64_tol'])
-        log('numerics %s: float32 %s (worst %s: err %.2e, tol %.2e), float64 %s '
-            '(worst %s: err %.2e)' % (
-                check, 'PASS' if entry['f32_pass'] else 'FAIL', worst32['quantity'],
-                worst32['f32_err'], worst32['f32_tol'],
-                'PASS' if entry['f64_pass'] else 'FAIL', worst64['quantity'],
-                worst64['f64_err']))
+        for name, (max_abs, err, scale) in normwise_errors(ref, got).items():
+            row = {'quantity': name, 'shape': None if ref[name] is None else list(ref[name].shape),
+                   'scale': scale, 'max_abs': max_abs, 'err': err}
+            if f32:
+                row.update(noise=noise[name][1], tol=max(RTOL32, NOISE_FACTOR * noise[name][1]))
+            else:
+                row['tol'] = RTOL64
+            row['passed'] = err <= row['tol']
+            rows.append(row)
+        entry.update(quantities=rows, passed=all(r['passed'] for r in rows))
+        worst = max(rows, key=lambda r: r['err'] / r['tol'])
+        log('numerics %s, %s: %s (worst %s: err %.2e, tol %.2e)' % (
+            check, sec['dtype'], _verdict(entry['passed']), worst['quantity'],
+            worst['err'], worst['tol']))
         report.save()
     sec['passed'] = all(c.get('passed') for c in sec['checks'].values())
 
@@ -463,10 +495,6 @@ class ResidentBatches(chainer.dataset.Iterator):
     next = __next__
 
 
-def method_alpha(row):
-    return config.ALPHA_GS if row.alpha_gs is None else row.alpha_gs
-
-
 def timed_update(updater, device, observation):
     """One ``updater.update()`` between two synchronisations; seconds."""
     synchronize(device)
@@ -485,33 +513,59 @@ def summarize_times(times):
 # ---------------------------------------------------------------------------
 # 2. Step time of BP and VFBN, batches resident on the device.
 
+@contextlib.contextmanager
+def cupy_tf32():
+    """CuPy's float32 GEMMs (and so Chainer's convolutions, im2col + ``cupy.tensordot``
+    without cuDNN) on TF32 tensor cores inside the block; CUPY_TF32=0 outside it.
+    Uses CuPy's ``_core._routines_linalg.set_compute_type``."""
+    from cupy._core import _routines_linalg as linalg
+    linalg.set_compute_type(numpy.float32, linalg.COMPUTE_TYPE_TF32)
+    try:
+        yield
+    finally:
+        linalg.set_compute_type(numpy.float32, linalg.COMPUTE_TYPE_DEFAULT)
+
+
+def cupy_fp32_compute_type():
+    from cupy._core import _routines_linalg as linalg
+    return linalg.compute_type_to_str(linalg.get_compute_type(numpy.float32))
+
+
 def timing(args, device, report):
     sec = report.section('timing')
     sec.update(depth=args.depth, batch=args.batch, warmup=args.warmup, timed=args.timed,
                what='updater.update() of methods.build(...), batches already on the '
                     'device; median of synchronised steps after the warm-up',
                results={})
+    gpu = device.xp is not numpy
     images, labels = generated_images(4 * args.batch, args.seed)
     it = data.BatchIterator(data.AugmentedDataset(images, labels), args.batch)
     batches = [tuple(device.send(a) for a in it.next()) for _ in range(4)]
-    for method, alpha_gs in (('bp', None), ('vfbn', 1e-3)):
-        key = method if alpha_gs is None else '%s (alpha_gs=%g)' % (method, alpha_gs)
+    # (key, method, alpha_gs, TF32): the paper's comparison in true float32, then BP
+    # with TF32 GEMMs, the setting PyTorch's TF32 timing is compared with.
+    runs = [('bp', 'bp', config.ALPHA_GS, False), ('vfbn (alpha_gs=0.001)', 'vfbn', 1e-3, False)]
+    if gpu:
+        runs.append(('bp (TF32 GEMMs)', 'bp', config.ALPHA_GS, True))
+    for key, method, alpha_gs, tf32 in runs:
         if CLOCK.left() <= 0:
             sec['results'][key] = {'skipped': 'time budget spent'}
             continue
         try:
             numpy.random.seed(args.seed)
             setup = methods.build(method, ResidentBatches(batches), device, units=args.depth,
-                                  alpha_gs=alpha_gs if alpha_gs is not None else config.ALPHA_GS)
+                                  alpha_gs=alpha_gs)
             obs = {}
-            first = timed_update(setup.updater, device, obs)
-            for _ in range(args.warmup - 1):
-                timed_update(setup.updater, device, obs)
-            times = [timed_update(setup.updater, device, obs) for _ in range(args.timed)]
-            res = summarize_times(times)
+            with (cupy_tf32() if tf32 else contextlib.nullcontext()):
+                first = timed_update(setup.updater, device, obs)
+                for _ in range(args.warmup - 1):
+                    timed_update(setup.updater, device, obs)
+                times = [timed_update(setup.updater, device, obs) for _ in range(args.timed)]
+                res = summarize_times(times)
+                if gpu:
+                    res.update(cupy_fp32_compute_type=cupy_fp32_compute_type(),
+                               memory_pool_mib=device.xp.get_default_memory_pool()
+                               .total_bytes() / 2 ** 20)
             res.update(first_step_s=first, final_loss=float(obs['main/loss'].array))
-            if device.xp is not numpy:
-                res['memory_pool_mib'] = device.xp.get_default_memory_pool().total_bytes() / 2 ** 20
             sec['results'][key] = res
             log('timing %s: median %.1f ms/step (first step %.1f s), %.0f images/s'
                 % (key, res['median_ms'], first, args.batch / res['median_ms'] * 1e3))
@@ -573,12 +627,59 @@ def torch_resnet(depth):
     return ResNet()
 
 
+def copy_chainer_weights(tnet, net):
+    """Load a Chainer ``model.Net``'s parameters into :func:`torch_resnet`'s module
+    (``/upper/units/j`` is unit ``split + j`` of the whole network)."""
+    import torch
+    split, leaf = len(net.lower.units), {'W': 'weight', 'b': 'bias',
+                                         'gamma': 'weight', 'beta': 'bias'}
+    copied = {}
+    for name, p in net.namedparams():
+        half, *path = name.strip('/').split('/')
+        if path[0] == 'units' and half == 'upper':
+            path[1] = str(int(path[1]) + split)
+        copied['.'.join(path[:-1] + [leaf[path[-1]]])] = torch.from_numpy(to_host(p.array))
+    params = dict(tnet.named_parameters())
+    if set(copied) != set(params):
+        raise ValueError('parameter names differ: %s' % sorted(set(copied) ^ set(params)))
+    with torch.no_grad():
+        for name, value in copied.items():
+            params[name].copy_(value)
+
+
+def torch_same_network(torch, depth, batch, seed):
+    """Normwise difference of the logits and the loss of the Chainer and the PyTorch
+    network with the same float64 weights and inputs, both on the CPU in train mode:
+    ~1e-15 when the two are the same function."""
+    nets = build_nets(depth, numpy.float64, seed)
+    tnet = torch_resnet(depth).double()
+    copy_chainer_weights(tnet, nets['net'])
+    x, t = numerics_inputs(batch, seed)
+    x = x.astype(numpy.float64)
+    with chainer.using_config('train', True):
+        logits = nets['net'](x)
+    loss = F.softmax_cross_entropy(logits, t).array
+    t_logits = tnet(torch.from_numpy(x))
+    t_loss = torch.nn.functional.cross_entropy(t_logits, torch.from_numpy(t).long())
+    ref, got = logits.array, t_logits.detach().numpy()
+    return {'depth': depth, 'batch': batch,
+            'logits_err': float(numpy.abs(got - ref).max() / numpy.abs(ref).max()),
+            'loss_err': float(abs(t_loss.item() - loss) / abs(loss))}
+
+
 def set_tf32(torch, on):
-    """TF32 for cuBLAS and cuDNN on or off; returns the flags as PyTorch reports them."""
+    """TF32 for cuBLAS and cuDNN on or off (the legacy flags, which PyTorch >= 2.9
+    maps onto its ``fp32_precision`` settings); returns the settings as PyTorch then
+    reports them, in both vocabularies where it has them."""
     torch.backends.cuda.matmul.allow_tf32 = on
     torch.backends.cudnn.allow_tf32 = on
-    return {'matmul.allow_tf32': torch.backends.cuda.matmul.allow_tf32,
-            'cudnn.allow_tf32': torch.backends.cudnn.allow_tf32}
+    flags = {'matmul.allow_tf32': torch.backends.cuda.matmul.allow_tf32,
+             'cudnn.allow_tf32': torch.backends.cudnn.allow_tf32}
+    for name, obj in (('matmul', torch.backends.cuda.matmul),
+                      ('cudnn.conv', getattr(torch.backends.cudnn, 'conv', None))):
+        if hasattr(obj, 'fp32_precision'):
+            flags[name + '.fp32_precision'] = obj.fp32_precision
+    return flags
 
 
 def torch_reference(args, gpu, report):
@@ -606,11 +707,22 @@ def torch_reference(args, gpu, report):
                and (args.depth != 18 or n_params == RESNET110_PARAMS),
                what='forward + backward + SGD(momentum 0.9, weight decay 1e-4) step, '
                     'eager (no torch.compile), cudnn.benchmark, NCHW', results={})
-    if gpu:
-        sec['cudnn'] = torch.backends.cudnn.version()
-        torch.backends.cudnn.benchmark = True
     log('torch: %s on %s, %d parameters (Chainer: %d)'
         % (torch.__version__, dev, n_params, chainer_params))
+    try:
+        same = torch_same_network(torch, args.numerics_depth, args.numerics_batch, args.seed)
+        same['passed'] = max(same['logits_err'], same['loss_err']) <= RTOL64
+        log('torch: same function as the Chainer network (float64, CPU, depth %d): '
+            'logits err %.1e, loss err %.1e: %s' % (same['depth'], same['logits_err'],
+                                                    same['loss_err'], _verdict(same['passed'])))
+    except Exception as e:
+        same = short_error(e)
+        log('torch: same-network check: ERROR ' + same['error'])
+    sec['same_network'] = same
+    report.save()
+    if gpu:
+        sec.update(cudnn=torch.backends.cudnn.version(), gpu=torch.cuda.get_device_name(dev))
+        torch.backends.cudnn.benchmark = True
     opt = torch.optim.SGD(net.parameters(), lr=config.LR, momentum=config.MOMENTUM,
                           weight_decay=config.WEIGHT_DECAY)
     gen = torch.Generator(device='cpu').manual_seed(args.seed)
@@ -630,7 +742,7 @@ def torch_reference(args, gpu, report):
         loss.backward()
         opt.step()
         sync()
-        return time.perf_counter() - start, loss
+        return time.perf_counter() - start, loss.detach()
 
     for mode in (('fp32', 'tf32') if gpu else ('fp32',)):
         if CLOCK.left() <= 0:
@@ -643,7 +755,7 @@ def torch_reference(args, gpu, report):
                 step()
             runs = [step() for _ in range(args.timed)]
             res = summarize_times([r[0] for r in runs])
-            res.update(first_step_s=first, flags=flags, final_loss=float(runs[-1][1]))
+            res.update(first_step_s=first, flags=flags, final_loss=runs[-1][1].item())
             sec['results'][mode] = res
             log('torch %s: median %.1f ms/step (first step %.2f s)'
                 % (mode, res['median_ms'], first))
@@ -651,6 +763,11 @@ def torch_reference(args, gpu, report):
             sec['results'][mode] = short_error(e)
             log('torch %s: ERROR %s' % (mode, sec['results'][mode]['error']))
         report.save()
+    chainer_times = report.data['sections'].get('timing', {}).get('results', {})
+    sec['chainer_over_torch'] = {
+        'Chainer %s / PyTorch %s' % (key, mode): chainer_times[key]['median_ms'] / r['median_ms']
+        for mode, r in sec['results'].items() if 'median_ms' in r
+        for key in ('bp', 'bp (TF32 GEMMs)') if 'median_ms' in chainer_times.get(key, {})}
     if gpu:
         set_tf32(torch, False)
         del net, opt, x, t
@@ -668,7 +785,7 @@ def all_methods(args, device, report):
                     'batch on the host and sending it', results={})
     images, labels = generated_images(max(512, 2 * args.batch), args.seed)
     for row in methods.TABLE1:
-        alpha = method_alpha(row)
+        alpha = config.ALPHA_GS if row.alpha_gs is None else row.alpha_gs  # None: unused
         if CLOCK.left() <= 0:
             sec['results'][row.label] = {'skipped': 'time budget spent'}
             continue
@@ -753,101 +870,30 @@ def _verdict(ok):
 
 
 def render_markdown(d):
+    """The human summary. A part that cannot be rendered (a section cut short) says
+    so instead of stopping the JSON from being written."""
     s = d['sections']
     env = s.get('environment', {})
     lines = ['# Device check: chainer-vfbn on %s' % env.get('gpu', env.get('device', '?')),
              '', 'Started %s, %.0f s so far. Command: `%s`.'
              % (d['started'], d.get('elapsed_s', 0), ' '.join(d['argv'])), '']
-    status = d.get('status', {})
-    if status:
-        lines += ['Sections: ' + ', '.join('%s %s' % kv for kv in status.items()), '']
-
-    if env:
-        lines += ['## Environment', '', '| item | value |', '|---|---|']
-        lines += ['| %s | %s |' % (k, env[k]) for k in sorted(env)]
-        lines.append('')
-
-    num = s.get('numerics')
-    if num:
-        lines += ['## Numerics: %s vs CPU, same weights and inputs' % env.get('device', '?'),
-                  '', 'Depth %s units/block, batch %s, train mode. err = max|gpu - cpu| / '
-                  'max|cpu| (gradients: denominator at least %g x the check\'s largest '
-                  'gradient). float32 tolerance: max(%g, %g x noise), noise = the CPU\'s '
-                  'float32 error against its own float64; float64 tolerance %g.'
-                  % (num['depth'], num['batch'], num['group_floor'], num['rtol32'],
-                     num['noise_factor'], num['rtol64']), '',
-                  '| check | quantity | f32 max abs | f32 err | f32 noise | f32 tol | f32 '
-                  '| f64 max abs | f64 err | f64 |', '|---|---|---|---|---|---|---|---|---|---|']
-        for check, c in num.get('checks', {}).items():
-            if 'error' in c:
-                lines.append('| %s | ERROR: %s | | | | | FAIL | | | FAIL |' % (check, c['error']))
-                continue
-            lines += _numerics_rows(check, c['quantities'])
-        lines.append('')
-
-    tim = s.get('timing')
-    if tim:
-        lines += ['## Step time (Chainer, %s)' % env.get('device', '?'), '',
-                  'Depth %s units/block, batch %s; %s (%s warm-up, %s timed).'
-                  % (tim['depth'], tim['batch'], tim['what'], tim['warmup'], tim['timed']),
-                  '', '| method | median ms/step | min ms | images/s | first step s |',
-                  '|---|---|---|---|---|']
-        for key, r in tim['results'].items():
-            lines.append(_time_row(key, r, tim['batch']))
-        if 'vfbn_over_bp' in tim:
-            lines.append('\nVFBN / BP step time: **%.2f**' % tim['vfbn_over_bp'])
-        lines.append('')
-
-    tor = s.get('torch')
-    if tor:
-        lines += ['## PyTorch reference', '']
-        if 'skipped' in tor:
-            lines += ['Skipped: %s' % tor['skipped'], '']
-        else:
-            lines += ['PyTorch %s on %s (cuDNN %s): %s. Parameters %d (Chainer %d): %s.'
-                      % (tor['torch'], tor['device'], tor.get('cudnn', '-'), tor['what'],
-                         tor['params'], tor['chainer_params'],
-                         _verdict(tor['params_match'])), '',
-                      '| mode | median ms/step | min ms | images/s | first step s |',
-                      '|---|---|---|---|---|']
-            for key, r in tor.get('results', {}).items():
-                lines.append(_time_row(key, r, tor['batch']))
-            bp = (tim or {}).get('results', {}).get('bp', {}).get('median_ms')
-            for key, r in tor.get('results', {}).items():
-                if bp and 'median_ms' in r:
-                    lines.append('\nChainer BP / PyTorch %s: **%.2f**' % (key, bp / r['median_ms']))
-            lines.append('')
-
-    met = s.get('methods')
-    if met:
-        lines += ['## %d training steps of every Table 1 method' % met['steps'], '',
-                  'Depth %s units/block, batch %s; %s.' % (met['depth'], met['batch'], met['what']),
-                  '', '| row | status | first loss | final loss | finite | ms/step | / BP '
-                  '| first step s |', '|---|---|---|---|---|---|---|---|']
-        for label, r in met['results'].items():
-            if 'skipped' in r:
-                lines.append('| %s | skipped: %s | | | | | | |' % (label, r['skipped']))
-                continue
-            status = r.get('status', '?')
-            if status != 'ok':
-                status += ': ' + r.get('error', r.get('message', ''))
-            losses = r.get('losses') or []
-            lines.append('| %s | %s | %s | %s | %s | %s | %s | %s |' % (
-                label, status, _fmt(losses[0] if losses else None, '%.4f'),
-                _fmt(losses[-1] if losses else None, '%.4f'), r.get('finite'),
-                _fmt(r.get('step_ms'), '%.1f'), _fmt(r.get('ratio_to_bp'), '%.2f'),
-                _fmt(r.get('first_step_s'), '%.2f')))
-        lines.append('')
-
-    dat = s.get('data')
-    if dat and 'views_per_s' in dat:
-        lines += ['## Data pipeline', '',
-                  'AugmentedDataset + BatchIterator, batch %d, one process: **%.0f views/s** '
-                  '(%.1f ms per batch); %.0f views/s including the transfer to the device.'
-                  % (dat['batch'], dat['views_per_s'], dat['ms_per_batch'],
-                     dat['views_per_s_with_transfer']), '']
-
+    if d.get('status'):
+        lines += ['Sections: ' + ', '.join('%s %s' % kv for kv in d['status'].items()), '']
+    if 'device_error' in d:
+        lines += ['**Chainer cannot use the device**: %s' % d['device_error']['error'], '']
+    for name, render in (('environment', _md_environment), ('numerics', _md_numerics),
+                         ('numerics64', _md_numerics), ('timing', _md_timing),
+                         ('torch', _md_torch), ('methods', _md_methods),
+                         ('data', _md_data)):
+        if name in s and set(s[name]) - {'error', 'traceback'}:
+            try:
+                lines += render(s[name], s) + ['']
+            except Exception as e:  # a section cut short: show what is there in the JSON
+                lines += ['## %s' % name, '', '(incomplete: %s: %s; see device_check.json)'
+                          % (type(e).__name__, e), '']
     errors = [(name, sec) for name, sec in s.items() if isinstance(sec, dict) and 'error' in sec]
+    if 'device_error' in d:
+        errors.insert(0, ('device', d['device_error']))
     if errors:
         lines += ['## Errors', '']
         for name, sec in errors:
@@ -857,35 +903,123 @@ def render_markdown(d):
     return '\n'.join(lines)
 
 
-def _numerics_rows(check, rows):
-    """Non-gradient quantities one per row; gradients grouped by network, worst shown;
-    every failing gradient listed on its own."""
+def _md_environment(env, s):
+    return (['## Environment', '', '| item | value |', '|---|---|']
+            + ['| %s | %s |' % (k, ' '.join(str(env[k]).split())) for k in sorted(env)
+               if k != 'traceback'])
+
+
+def _md_numerics(num, s):
+    f32 = num['dtype'] == 'float32'
+    tol = ('max(%g, %g x noise), noise = the CPU\'s float32 error against its own '
+           'float64' % (num['rtol'], num['noise_factor']) if f32 else '%g' % num['rtol'])
+    lines = ['## Numerics, %s: %s vs CPU, same weights and inputs'
+             % (num['dtype'], s.get('environment', {}).get('device', '?')), '',
+             'Depth %s units/block, batch %s, train mode. err = max|gpu - cpu| / max|cpu| '
+             '(gradients: denominator at least %g x the largest gradient of the same '
+             'network); tolerance %s.'
+             % (num['depth'], num['batch'], num['group_floor'], tol), '',
+             '| check | quantity | max abs | err | %stol | |' % ('noise | ' if f32 else ''),
+             '|---|---|---|---|---|---|' + ('---|' if f32 else '')]
+    for check, c in num.get('checks', {}).items():
+        if 'error' in c:
+            lines.append('| %s | ERROR: %s | | | %s| FAIL |'
+                         % (check, c['error'], '| ' if f32 else ''))
+        else:
+            lines += _numerics_rows(check, c['quantities'], f32)
+    if 'passed' in num:
+        lines += ['', 'Numerics, %s: **%s**' % (num['dtype'], _verdict(num['passed']))]
+    return lines
+
+
+def _md_timing(tim, s):
+    lines = ['## Step time (Chainer, %s)' % s.get('environment', {}).get('device', '?'), '',
+             'Depth %s units/block, batch %s; %s (%s warm-up, %s timed).'
+             % (tim['depth'], tim['batch'], tim['what'], tim['warmup'], tim['timed']), '',
+             '| method | median ms/step | min ms | images/s | first step s |',
+             '|---|---|---|---|---|']
+    lines += [_time_row(key, r, tim['batch']) for key, r in tim['results'].items()]
+    if 'vfbn_over_bp' in tim:
+        lines += ['', 'VFBN / BP step time: **%.2f**' % tim['vfbn_over_bp']]
+    return lines
+
+
+def _md_torch(tor, s):
+    lines = ['## PyTorch reference', '']
+    if 'skipped' in tor:
+        return lines + ['Skipped: %s' % tor['skipped']]
+    same = tor.get('same_network', {})
+    if 'error' in same:
+        same_text = 'ERROR ' + same['error']
+    else:
+        same_text = 'logits err %.1e, loss err %.1e: %s' % (
+            same['logits_err'], same['loss_err'], _verdict(same['passed']))
+    lines += ['PyTorch %s on %s (cuDNN %s): %s. Parameters %d (Chainer %d): %s. Same '
+              'function as the Chainer network (Chainer\'s weights copied, float64, CPU, '
+              'train mode, depth %s): %s.'
+              % (tor['torch'], tor['device'], tor.get('cudnn', '-'), tor['what'],
+                 tor['params'], tor['chainer_params'], _verdict(tor['params_match']),
+                 same.get('depth', '?'), same_text), '',
+              '| mode | median ms/step | min ms | images/s | first step s |',
+              '|---|---|---|---|---|']
+    results = tor.get('results', {})
+    lines += [_time_row(key, r, tor['batch']) for key, r in results.items()]
+    ratios = ['%s: **%.2f**' % (pair, ratio)
+              for pair, ratio in tor.get('chainer_over_torch', {}).items()]
+    return lines + ([''] + ratios if ratios else [])
+
+
+def _md_methods(met, s):
+    lines = ['## %d training steps of every Table 1 method' % met['steps'], '',
+             'Depth %s units/block, batch %s; %s.' % (met['depth'], met['batch'], met['what']),
+             '', '| row | status | first loss | final loss | finite | ms/step | / BP '
+             '| first step s |', '|---|---|---|---|---|---|---|---|']
+    for label, r in met['results'].items():
+        if 'skipped' in r:
+            lines.append('| %s | skipped: %s | | | | | | |' % (label, r['skipped']))
+            continue
+        status = r.get('status', '?')
+        if status != 'ok':
+            status += ': ' + r.get('error', r.get('message', ''))
+        losses = r.get('losses') or []
+        lines.append('| %s | %s | %s | %s | %s | %s | %s | %s |' % (
+            label, status, _fmt(losses[0] if losses else None, '%.4f'),
+            _fmt(losses[-1] if losses else None, '%.4f'), r.get('finite'),
+            _fmt(r.get('step_ms'), '%.1f'), _fmt(r.get('ratio_to_bp'), '%.2f'),
+            _fmt(r.get('first_step_s'), '%.2f')))
+    return lines
+
+
+def _md_data(dat, s):
+    return ['## Data pipeline', '',
+            'AugmentedDataset + BatchIterator, batch %d, one process: **%.0f views/s** '
+            '(%.1f ms per batch); %.0f views/s including the transfer to the device.'
+            % (dat['batch'], dat['views_per_s'], dat['ms_per_batch'],
+               dat['views_per_s_with_transfer'])]
+
+
+def _numerics_rows(check, rows, f32):
+    """Non-gradient quantities one per row; gradients grouped by network (the one
+    nearest its tolerance shown); every failing gradient also on its own row."""
     out, groups = [], {}
     for r in rows:
-        name = r['quantity']
-        if name.startswith('grad '):
-            group = name.split('/')[0]  # 'grad lower', 'grad upper', 'grad v_f'
-            groups.setdefault(group, []).append(r)
+        if grad_group(r['quantity']):
+            groups.setdefault(grad_group(r['quantity']), []).append(r)
         else:
-            out.append(_numerics_row(check, name, r))
+            out.append(_numerics_row(check, r['quantity'], r, f32))
     for group, rs in groups.items():
-        worst32 = max(rs, key=lambda r: r['f32_err'] / r['f32_tol'])
-        worst64 = max(rs, key=lambda r: r['f64_err'])
-        merged = dict(worst32, f64_max_abs=worst64['f64_max_abs'], f64_err=worst64['f64_err'],
-                      f32_pass=all(r['f32_pass'] for r in rs),
-                      f64_pass=all(r['f64_pass'] for r in rs))
-        out.append(_numerics_row(check, '%s/* (%d arrays; worst f32: %s, f64: %s)' % (
-            group, len(rs), worst32['quantity'], worst64['quantity']), merged))
-        out += [_numerics_row(check, r['quantity'], r) for r in rs
-                if not (r['f32_pass'] and r['f64_pass'])]
+        worst = max(rs, key=lambda r: r['err'] / r['tol'])
+        merged = dict(worst, passed=all(r['passed'] for r in rs))
+        out.append(_numerics_row(check, '%s/* (%d arrays; worst: %s)' % (
+            group, len(rs), worst['quantity'][len(group) + 1:]), merged, f32))
+        out += [_numerics_row(check, r['quantity'], r, f32) for r in rs if not r['passed']]
     return out
 
 
-def _numerics_row(check, name, r):
-    return '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |' % (
-        check, name, _fmt(r['f32_max_abs']), _fmt(r['f32_err']), _fmt(r['f32_noise']),
-        _fmt(r['f32_tol']), _verdict(r['f32_pass']), _fmt(r['f64_max_abs']),
-        _fmt(r['f64_err']), _verdict(r['f64_pass']))
+def _numerics_row(check, name, r, f32):
+    return '| %s | %s | %s | %s | %s%s | %s |' % (
+        check, name, _fmt(r['max_abs']), _fmt(r['err']),
+        _fmt(r['noise']) + ' | ' if f32 else '', _fmt(r['tol']), _verdict(r['passed']))
 
 
 def _time_row(key, r, batch):
@@ -910,19 +1044,27 @@ def main(argv=None):
 
     os.makedirs(args.out, exist_ok=True)
     report = Report(args.out, args)
-    device = chainer.get_device(args.device)
-    device.use()
     log('device check on %s: sections %s, budget %.0f s'
-        % (device, ', '.join(args.sections), args.budget_s))
+        % (args.device, ', '.join(args.sections), args.budget_s))
     report.data['status'] = status = {}
     try:
-        report.data['sections']['environment'] = environment(device, gpu)
+        report.data['sections']['environment'] = environment(args.device, gpu)
         log('environment: ' + json.dumps(report.data['sections']['environment']))
     except Exception as e:
         report.data['sections']['environment'] = short_error(e)
+    try:
+        device = chainer.get_device(args.device)
+        device.use()
+    except Exception as e:
+        # CuPy works (checked above) but Chainer cannot use it: every Chainer section
+        # fails with this error; the PyTorch reference still runs.
+        device = None
+        report.data['device_error'] = short_error(e)
+        log('Chainer cannot use %s: %s' % (args.device, report.data['device_error']['error']))
     report.save()
 
-    runners = {'numerics': lambda: numerics(args, device, report),
+    runners = {'numerics': lambda: numerics(args, device, report, numpy.float32),
+               'numerics64': lambda: numerics(args, device, report, numpy.float64),
                'timing': lambda: timing(args, device, report),
                'torch': lambda: torch_reference(args, gpu, report),
                'methods': lambda: all_methods(args, device, report),
@@ -938,17 +1080,22 @@ def main(argv=None):
         status[name] = 'running'
         report.save()
         try:
+            if device is None and name != 'torch':
+                raise RuntimeError('Chainer cannot use %s: %s'
+                                   % (args.device, report.data['device_error']['error']))
             runners[name]()
             status[name] = 'done'
         except Exception as e:
             report.section(name).update(short_error(e))
             status[name] = 'error'
             log('%s: ERROR %s' % (name, report.section(name)['error']))
-        free_device_memory(device)
+        if device is not None:
+            free_device_memory(device)
         report.save()
-    num = report.data['sections'].get('numerics', {})
-    if 'passed' in num:
-        log('numerics: %s' % _verdict(num['passed']))
+    for name in ('numerics', 'numerics64'):
+        num = report.data['sections'].get(name, {})
+        if 'passed' in num:
+            log('%s (%s): %s' % (name, num['dtype'], _verdict(num['passed'])))
     log('done; wrote %s and %s' % (report.json_path, report.md_path))
     return 0
 

@@ -216,8 +216,6 @@ def test_bad_input_resume_other_depth(trained, tmp_path, cifar_archive):
     assert not (out / 'result.json').exists()
 
 
-@pytest.mark.xfail(strict=True, reason='train.py writes args.json and deletes result.json '
-                                       'before it checks --resume (see the report)')
 def test_failed_resume_leaves_the_run_folder_alone(trained, tmp_path, cifar_archive):
     finished, proc = trained(*short_run(table1_row('vfbn', 1e-3)))
     run = str(tmp_path / 'run')
@@ -262,7 +260,7 @@ def test_ctrl_c_snapshots_and_resumes(tmp_path, cifar_archive):
     out = tmp_path / 'out'
     argv = [sys.executable, os.path.join(REPO_ROOT, 'train.py'), *TINY,
             '--data-dir', cifar_archive, '--out', str(out), '--synth', 'vfbn',
-            '--eval-every', '1']
+            '--eval-every', '1', '--eval-views', '1']  # a cheap log after each iteration
     with open(tmp_path / 'stdout', 'w') as so, open(tmp_path / 'stderr', 'w') as se:
         proc = subprocess.Popen(argv + ['--iterations', '100000'], cwd=REPO_ROOT,
                                 stdout=so, stderr=se)
@@ -338,6 +336,18 @@ def test_evaluate_text_and_json_file(trained, tmp_path):
     written = read_json(str(target))
     assert written['test_error'] == result['test_error']
     assert sorted(os.listdir(tmp_path)) == ['eval.json']  # no temporary left behind
+
+
+def test_evaluate_single_view_from_extracted_folder(trained, cifar_folder):
+    """``--views 1`` evaluates the centre view alone, which is the view behind
+    result.json's single-view error; ``--data-dir`` reads the same test images from
+    the extracted folder."""
+    out, _ = trained(*short_run(table1_row('vfbn', 1e-3)))
+    result = read_json(os.path.join(out, 'result.json'))
+    single = evaluate_json(out, '--views', 1, '--data-dir', cifar_folder)
+    assert single['eval_views'] == 1
+    assert single['test_images'] == result['test_images']
+    assert single['test_error'] == single['test_error_single'] == result['test_error_single']
 
 
 def test_evaluate_mid_run_snapshot(trained):

@@ -51,25 +51,34 @@ def full_net():
 # ---------------------------------------------------------------------------
 # Sizes, counts and the split.
 
+class OutputShapes(chainer.LinkHook):
+    """Records the output shape of every link call in one forward pass."""
+
+    name = 'OutputShapes'
+
+    def __init__(self):
+        self.shapes = []
+
+    def forward_postprocess(self, args):
+        self.shapes.append((args.link, args.out.shape))
+
+
 def test_full_depth_shapes_at_every_stage(full_net):
     lower, upper = full_net
     x = numpy.random.RandomState(1).randn(2, 3, 24, 24).astype(numpy.float32)
-    with chainer.using_config('train', False), chainer.no_backprop_mode():
-        h = F.relu(lower.bn1(lower.conv1(x)))
-        assert h.shape == (2, 16, 22, 22)             # conv1, no padding
-        stages = {}
-        for i, unit in enumerate(all_units(lower, upper)):
-            h = unit(h)
-            stages[i + 1] = h.shape
-        assert stages[18] == (2, 32, 22, 22)          # ResBlock-1
-        assert stages[19] == (2, 64, 11, 11)          # first unit of ResBlock-2 halves
-        assert stages[36] == (2, 64, 11, 11)          # ResBlock-2
-        assert stages[37] == (2, 64, 6, 6)            # first unit of ResBlock-3 halves
-        assert stages[54] == (2, 64, 6, 6)            # ResBlock-3
-        assert len(stages) == 54
+    hook = OutputShapes()
+    with chainer.using_config('train', False), chainer.no_backprop_mode(), hook:
         hidden = lower(x)
-        assert hidden.shape == (2, 64, 11, 11)        # h at the paper's split
-        assert upper(hidden).shape == (2, 10)         # logits
+        logits = upper(hidden)
+    shapes = dict(hook.shapes)
+    assert shapes[lower.conv1] == (2, 16, 22, 22)     # conv1, no padding
+    units = [shapes[u] for u in all_units(lower, upper)]
+    assert len(units) == 54
+    assert units[:18] == [(2, 32, 22, 22)] * 18       # ResBlock-1
+    assert units[18:36] == [(2, 64, 11, 11)] * 18     # ResBlock-2, its first unit halves
+    assert units[36:] == [(2, 64, 6, 6)] * 18         # ResBlock-3, its first unit halves
+    assert hidden.shape == (2, 64, 11, 11)            # h at the paper's split
+    assert logits.shape == (2, 10)
 
 
 def test_parameter_count_from_the_layer_formula(full_net):

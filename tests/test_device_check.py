@@ -1,0 +1,169 @@
+"""scripts/device_check.py on a machine without a GPU (the development and CI machines).
+
+On the lent GPU machine the script compares the GPU with the CPU, times the methods
+and runs a PyTorch reference; here it must (1) notice that there is no CuPy/GPU, say
+so in one line, write nothing and exit 0, and (2) with ``--device @numpy`` run every
+section on the CPU, where the "GPU" side is a second CPU copy of the same weights,
+so the numerics must agree exactly. PyTorch is not needed: without it that section
+records that it was skipped.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy
+import pytest
+
+from chainer_vfbn import methods
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO_ROOT, 'scripts', 'device_check.py')
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location('device_check', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(*args, timeout=120):
+    # One BLAS thread: a modest share of this 2-core machine, and a fixed summation
+    # order, so the two CPU copies of the numerics compute bit for bit the same.
+    path = [REPO_ROOT] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), OPENBLAS_NUM_THREADS='1',
+               OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    return subprocess.run([sys.executable, SCRIPT] + list(args), capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=REPO_ROOT)
+
+
+def gpu_present():
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def test_without_gpu_says_so_and_writes_nothing(tmp_path):
+    if gpu_present():
+        pytest.skip('this machine has a GPU: the script would run the real check')
+    out = tmp_path / 'out'
+    proc = run_script('--out', str(out))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('CuPy/CUDA not available: '), proc.stdout
+    assert not out.exists()
+
+
+def test_dry_run_on_cpu_runs_every_section(tmp_path):
+    out = tmp_path / 'out'
+    proc = run_script('--out', str(out), '--device', '@numpy', '--depth', '1',
+                      '--batch', '8', '--steps', '2', '--quick')
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((out / 'device_check.json').read_text())
+    md = (out / 'device_check.md').read_text()
+    sections = report['sections']
+    assert report['status'] == {name: 'done' for name in
+                                ('numerics', 'timing', 'torch', 'methods', 'data', 'numerics64')}
+    assert sections['environment']['device'] == '@numpy'
+
+    # Numerics: CPU against CPU is exact, in both precisions, for BP and VFBN.
+    for name, dtype in (('numerics', 'float32'), ('numerics64', 'float64')):
+        num = sections[name]
+        assert num['passed'] and num['dtype'] == dtype and set(num['checks']) == {'bp', 'vfbn'}
+        names = {c: {q['quantity'] for q in num['checks'][c]['quantities']}
+                 for c in num['checks']}
+        assert {'logits', 'loss', 'grad lower/conv1/W', 'grad upper/fc/W'} <= names['bp']
+        assert {'h', 'delta', 'delta_hat', 'eq3', 'grad lower/conv1/W',
+                'grad v_f/fc/W'} <= names['vfbn']
+        for check in num['checks'].values():
+            assert all(q['max_abs'] == 0 and q['passed'] for q in check['quantities'])
+    # the float32 noise reference (CPU float32 against float64) is real, not zero
+    for check in sections['numerics']['checks'].values():
+        assert max(q['noise'] for q in check['quantities']) > 0
+
+    # Step times of BP and VFBN, and 2 steps of every Table 1 row, all finite.
+    timing = sections['timing']['results']
+    assert timing['bp']['median_ms'] > 0 and timing['vfbn (alpha_gs=0.001)']['median_ms'] > 0
+    assert sections['timing']['vfbn_over_bp'] > 0
+    rows = sections['methods']['results']
+    assert list(rows) == [row.label for row in methods.TABLE1]
+    for label, r in rows.items():
+        assert r['status'] == 'ok' and r['finite'] and len(r['losses']) == 2, (label, r)
+        assert r['ratio_to_bp'] > 0
+    assert sections['data']['views_per_s'] > 0
+
+    # PyTorch: skipped here unless it is installed, then the same network.
+    torch_sec = sections['torch']
+    if importlib.util.find_spec('torch') is None:
+        assert 'skipped' in torch_sec
+    else:
+        assert torch_sec['params_match'] and torch_sec['same_network']['passed']
+
+    for heading in ('## Numerics, float32', '## Numerics, float64', '## Step time',
+                    '## PyTorch reference', '## 2 training steps of every Table 1 method', '## Data pipeline'):
+        assert heading in md
+    assert 'FAIL' not in md and 'PASS' in md
+    for row in methods.TABLE1:
+        assert row.label in md
+
+
+def test_spent_budget_skips_sections_but_still_reports(tmp_path):
+    out = tmp_path / 'out'
+    proc = run_script('--out', str(out), '--device', '@numpy', '--budget-s', '0',
+                      '--sections', 'timing,data')
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / 'device_check.json').read_text())
+    assert report['status'] == {'timing': 'skipped (time budget)',
+                                'data': 'skipped (time budget)'}
+    assert 'python' in report['sections']['environment']
+
+
+def test_failing_section_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch):
+    dc = load_script()
+
+    def broken(args, device, report):
+        raise ValueError('injected failure')
+    monkeypatch.setattr(dc, 'timing', broken)
+    assert dc.main(['--out', str(tmp_path), '--device', '@numpy', '--quick',
+                    '--batch', '4', '--sections', 'timing,data']) == 0
+    report = json.loads((tmp_path / 'device_check.json').read_text())
+    assert report['status'] == {'timing': 'error', 'data': 'done'}
+    assert report['sections']['timing']['error'] == 'ValueError: injected failure'
+    assert report['sections']['data']['views_per_s'] > 0
+    assert 'ValueError: injected failure' in (tmp_path / 'device_check.md').read_text()
+
+
+def test_normwise_errors_and_tolerances():
+    dc = load_script()
+    ref = {'logits': numpy.array([1.0, -2.0]),
+           'grad lower/conv1/W': numpy.array([0.1, -0.2]),
+           'grad lower/conv1/b': numpy.array([1e-9, 0.0]),   # zero in exact arithmetic
+           'grad v_f/fc/W': numpy.array([1e-6, 2e-6])}
+    got = {'logits': numpy.array([1.0, -2.0 + 2e-6]),
+           'grad lower/conv1/W': ref['grad lower/conv1/W'],
+           'grad lower/conv1/b': numpy.array([3e-9, 0.0]),
+           'grad v_f/fc/W': numpy.array([1e-6, 2e-6 + 1e-12])}
+    err = dc.normwise_errors(ref, got)
+    assert err['logits'][1] == pytest.approx(1e-6)              # 2e-6 / max|ref| = 2
+    assert err['grad lower/conv1/W'][1] == 0
+    # a noise-only gradient is measured against 1e-3 x its network's largest (0.2) ...
+    assert err['grad lower/conv1/b'][1] == pytest.approx(2e-9 / 2e-4)
+    # ... and v_f's tiny gradients against their own scale, not the lower half's
+    assert err['grad v_f/fc/W'][1] == pytest.approx(1e-12 / 2e-6)
+    # TF32-sized differences (~1e-3) fail the float32 floor; float64 is tight
+    assert 1e-3 > dc.RTOL32 and dc.RTOL64 <= 1e-10
+    missing = dc.normwise_errors({'grad upper/fc/W': ref['logits']}, {'grad upper/fc/W': None})
+    assert missing['grad upper/fc/W'][1] == float('inf')
+
+
+def test_torch_reference_is_the_chainer_network():
+    pytest.importorskip('torch')
+    dc = load_script()
+    import torch
+    same = dc.torch_same_network(torch, depth=1, batch=4, seed=0)
+    assert same['logits_err'] < 1e-12 and same['loss_err'] < 1e-12
+    assert sum(p.numel() for p in dc.torch_resnet(18).parameters()) == dc.RESNET110_PARAMS

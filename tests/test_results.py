@@ -1,0 +1,274 @@
+"""Tests of the evidence tools: Table 1 (:mod:`chainer_vfbn.table`) and Figure 3
+(:mod:`chainer_vfbn.curves`, ``plot_curves.py``).
+
+The table and the plots are checked on small run folders written here by hand, in the
+format ``train.py`` writes (``args.json``, ``log``, ``result.json``; see
+``chainer_vfbn/training.py``): two seeds of BackProp, a diverged Jaderberg run, and a
+few others. The ``run`` command is checked for real on two rows at depth 1 with the
+generated CIFAR-10 archive of ``conftest.py``, two iterations each: a second ``run``
+must retrain nothing, and a run whose result.json is gone resumes from its snapshot.
+"""
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import chainer_vfbn  # noqa: F401  (the NumPy-2 shim precedes `import chainer`)
+import numpy
+import pytest
+
+from chainer_vfbn import curves, methods, table, training
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: The budget of the hand-written runs, as train.py arguments.
+BUDGET = ['--dataset', 'fashion-mnist', '--depth', '2', '--train-images', '1000',
+          '--test-images', '100', '--batchsize', '32', '--iterations', '100',
+          '--eval-every', '25']
+SYNTH_KEYS = ('synth/cosine', 'synth/rel_error')
+
+
+def row(slug):
+    return table.row_by_slug(slug)
+
+
+def write_run(folder, slug, seed, errors, diverged_at=None, extra=()):
+    """A run folder as train.py leaves it: ``errors`` are the logged test errors
+    (fractions) at iterations 25, 50, ...; with ``diverged_at`` the run stops there
+    and its result.json says diverged, else the last error is the final one."""
+    os.makedirs(folder)
+    argv = methods.row_argv(row(slug)) + BUDGET + list(extra) + [
+        '--seed', str(seed), '--out', str(folder)]
+    args = dict(vars(training.parse_args(argv)),
+                versions={'python': '3.11.7', 'chainer': '7.8.1', 'numpy': '2.4.6'},
+                machine={'processor': 'x86_64', 'cpus': 2, 'device': '@numpy'})
+    log = []
+    for i, error in enumerate(errors):
+        entry = {'epoch': 0, 'iteration': 25 * (i + 1), 'elapsed_time': 10.0 * (i + 1),
+                 'main/loss': 1.0, 'validation/main/error': error,
+                 'validation/main/views': 36.0}
+        if args['method'] in methods.SYNTHESIZERS + ('layerwise',):
+            entry.update({'synth/cosine': 0.1 * (i + 1), 'synth/rel_error': 1.0 - 0.05 * i})
+        log.append(entry)
+    if diverged_at is None:
+        result = {'status': 'finished', 'test_error': errors[-1], 'iteration': 100,
+                  'eval_views': 36, 'test_images': 100}
+    else:
+        result = {'status': 'diverged', 'iteration': diverged_at - 1,
+                  'message': '%s diverged at iteration %d: delta_hat became non-finite'
+                             % (args['method'], diverged_at)}
+    for name, content in (('args.json', args), ('log', log), ('result.json', result)):
+        with open(os.path.join(str(folder), name), 'w') as f:
+            json.dump(content, f)
+    return str(folder)
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """Hand-written runs: {name: folder}."""
+    return {
+        'bp0': write_run(tmp_path / 'bp0', 'bp', 0, [0.5, 0.3, 0.25, 0.20]),
+        'bp1': write_run(tmp_path / 'bp1', 'bp', 1, [0.6, 0.35, 0.3, 0.25]),
+        'bottom': write_run(tmp_path / 'bottom', 'bottom', 0, [0.5, 0.4, 0.3, 0.27]),
+        'linear': write_run(tmp_path / 'linear', 'jaderberg-linear', 0, [0.7, 0.6],
+                            diverged_at=60),
+        'vfbn': write_run(tmp_path / 'vfbn', 'vfbn-1e-3', 0, [0.5, 0.3, 0.26, 0.21]),
+    }
+
+
+def table_rows(markdown):
+    """The table's body as lists of cells (the header and rule left out)."""
+    lines = [l for l in markdown.splitlines() if l.startswith('| ')]
+    return [[c.strip() for c in l.strip('|').split(' | ')] for l in lines[1:]]
+
+
+# ---------------------------------------------------------------------------
+# Table 1.
+
+def test_table_rows_in_paper_order_with_paper_numbers(runs):
+    md = table.results_table(list(runs.values()))
+    rows = table_rows(md)
+    assert [r[0] for r in rows] == [r.label for r in methods.TABLE1]
+    assert [float(r[1]) for r in rows] == [5.15, 5.76, 5.71, 20.45, 15.56, 5.73, 5.51]
+    assert not re.search(r'\bnan\b', md, re.IGNORECASE)
+
+
+def test_table_mean_std_diverged_not_run(runs):
+    rows = {r[0]: r for r in table_rows(table.results_table(list(runs.values())))}
+    bp_errors = numpy.array([20.0, 25.0])
+    assert rows['BackProp'][2] == '%.2f ± %.2f (2 seeds)' % (bp_errors.mean(),
+                                                             bp_errors.std(ddof=1))
+    assert rows['BackProp'][3] == '0, 1'
+    assert rows['VFBN (alpha_gs = 1e-3)'][2] == '21.00 (1 seed)'
+    assert rows["Jaderberg's Linear"][2] == 'diverged at iteration 60'
+    for label in ('Layer-wise supervised loss', "Jaderberg's small-ResNet",
+                  'VFBN (alpha_gs = 0)'):
+        assert rows[label][2] == 'not run'
+
+
+def test_table_shared_facts_and_exact_commands(runs):
+    md = table.results_table(list(runs.values()))
+    header = next(l for l in md.splitlines() if l.startswith('Every row below'))
+    for fact in ('Fashion-MNIST', 'ResNet-14', '100 iterations of batch 32',
+                 '1,000 training images', '36-view', '100 test images', 'CPU x86_64',
+                 'chainer 7.8.1'):
+        assert fact in header
+    rows = {r[0]: r for r in table_rows(md)}
+    command = rows['VFBN (alpha_gs = 1e-3)'][-1].strip('`')
+    argv = shlex.split(command)
+    assert argv[:2] == ['python', 'train.py']
+    assert argv[-2:] == ['--seed', 'S']
+    # The command parses back to exactly the arguments the run recorded.
+    rerun = vars(training.parse_args(argv[2:-1] + ['0', '--out', runs['vfbn']]))
+    with open(os.path.join(runs['vfbn'], 'args.json')) as f:
+        recorded = json.load(f)
+    assert {k: recorded[k] for k in rerun} == rerun
+
+
+def test_table_gives_each_configuration_its_own_line(runs, tmp_path):
+    other = write_run(tmp_path / 'bp_long', 'bp', 0, [0.4, 0.2, 0.1, 0.12],
+                      extra=['--iterations', '200'])
+    md = table.results_table(list(runs.values()) + [other])
+    bp = [r for r in table_rows(md) if r[0] == 'BackProp']
+    assert sorted(r[2] for r in bp) == ['12.00 (1 seed)', '22.50 ± 3.54 (2 seeds)']
+    header = next(l for l in md.splitlines() if l.startswith('| '))
+    assert '| budget |' in header  # no longer shared: a column of its own
+
+
+def test_table_refuses_a_folder_without_args(tmp_path):
+    with pytest.raises(curves.RunError, match='no args.json'):
+        table.results_table([str(tmp_path)])
+
+
+def test_plan_runs_the_claim_first_for_each_seed():
+    assert sorted(table.SLUGS) == sorted((r.method, r.alpha_gs) for r in methods.TABLE1)
+    steps = [(seed, table.slug(r)) for seed, r in table.plan([0, 1])]
+    order = ['bp', 'vfbn-1e-3', 'jaderberg-linear', 'bottom', 'layerwise',
+             'jaderberg-resnet', 'vfbn-0']
+    assert steps == [(0, s) for s in order] + [(1, s) for s in order]
+    steps = [table.slug(r) for _, r in table.plan([0], ['vfbn-0', 'bp'])]
+    assert steps == ['bp', 'vfbn-0']
+
+
+# ---------------------------------------------------------------------------
+# Figure 3.
+
+def test_plot_writes_png_and_pdf(runs, tmp_path):
+    prefix = str(tmp_path / 'figs' / 'fig3')
+    assert curves.main(list(runs.values()) + ['--out', prefix]) == 0
+    assert curves.main(list(runs.values()) + ['--out', prefix + 'x', '--x', 'examples']) == 0
+    for name in ('error', 'fidelity'):
+        with open('%s_%s.png' % (prefix, name), 'rb') as f:
+            assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+        with open('%s_%s.pdf' % (prefix, name), 'rb') as f:
+            assert f.read(5) == b'%PDF-'
+        assert os.path.getsize('%s_%s.png' % (prefix, name)) > 10000
+
+
+def test_plot_curves_groups_seeds_and_marks_divergence(runs):
+    loaded = [curves.load_run(p) for p in runs.values()]
+    groups = dict(curves.group_runs(loaded))
+    assert list(groups) == ['BackProp', 'Bottom half with back prop', "Jaderberg's Linear",
+                            'VFBN (alpha_gs = 1e-3)']
+    assert len(groups['BackProp']) == 2
+    xs, mean, lo, hi = curves.aggregate(
+        [r.series('validation/main/error', 'epoch') for r in groups['BackProp']])
+    assert xs[-1] == pytest.approx(100 * 32 / (1000 * 36.0))
+    assert (mean[-1], lo[-1], hi[-1]) == (pytest.approx(0.225), 0.20, 0.25)
+    label = curves.legend_label("Jaderberg's Linear", groups["Jaderberg's Linear"])
+    assert 'DIVERGED at iteration 60' in label
+
+
+def test_plot_curves_exits_2_without_a_log(runs, tmp_path):
+    no_log = tmp_path / 'no_log'
+    no_log.mkdir()
+    with open(os.path.join(runs['bp0'], 'args.json')) as f:
+        (no_log / 'args.json').write_text(f.read())
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    for folder, says in ((no_log, 'has no log'), (empty, 'no args.json')):
+        proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'plot_curves.py'),
+                               runs['bp0'], str(folder), '--out', str(tmp_path / 'x')],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert says in proc.stderr and 'Traceback' not in proc.stderr
+        assert not os.path.exists(str(tmp_path / 'x_error.png'))
+
+
+# ---------------------------------------------------------------------------
+# The run command, for real at depth 1.
+
+def run_table(*argv):
+    return subprocess.run([sys.executable, '-m', 'chainer_vfbn.table'] + [str(a) for a in argv],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_run_is_resumable(tmp_path, cifar_archive):
+    root = tmp_path / 'root'
+    argv = ['run', '--out', root, '--dataset', 'cifar10', '--depth', '1',
+            '--rows', 'vfbn-1e-3', 'bp', '--', '--data-dir', cifar_archive,
+            '--train-images', '16', '--test-images', '4', '--batchsize', '4',
+            '--iterations', '2']
+    first = run_table(*argv)
+    assert first.returncode == 0, first.stdout + first.stderr
+    progress = [l for l in first.stdout.splitlines() if l.startswith('[table')]
+    assert re.search(r'1/2 seed 0 bp .*: starting', progress[1])
+    assert re.search(r'2/2 seed 0 vfbn-1e-3 .*: starting', progress[3])
+    results = {s: root / s / 'seed0' / 'result.json' for s in ('bp', 'vfbn-1e-3')}
+    mtimes = {s: os.path.getmtime(str(p)) for s, p in results.items()}
+    for name in ('table.md', 'figure3_error.png', 'figure3_error.pdf',
+                 'figure3_fidelity.png', 'figure3_fidelity.pdf'):
+        assert os.path.getsize(str(root / name)) > 0
+    md = (root / 'table.md').read_text()
+    assert not re.search(r'\bnan\b', md, re.IGNORECASE)
+    assert md.count('(1 seed)') == 2 and md.count('not run') == 5
+
+    again = run_table(*argv)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count('skipped, already finished') == 2
+    assert {s: os.path.getmtime(str(p)) for s, p in results.items()} == mtimes
+
+    # An interrupted run (a snapshot, no result.json) resumes from its snapshot.
+    os.remove(str(results['bp']))
+    resumed = run_table(*argv)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert re.search(r'seed 0 bp .*: resuming from .*snapshot_iter_2', resumed.stdout)
+    assert json.loads(results['bp'].read_text())['status'] == 'finished'
+    assert os.path.getmtime(str(results['vfbn-1e-3'])) == mtimes['vfbn-1e-3']
+
+    # Another budget into the same folders is refused, not mixed in.
+    other = run_table(*(argv[:-1] + ['3']))
+    assert other.returncode == table.EXIT_FAILED
+    assert other.stdout.count('holds a run with other arguments') == 2
+    assert os.path.getmtime(str(results['vfbn-1e-3'])) == mtimes['vfbn-1e-3']
+
+
+def test_run_diverged_rows_do_not_stop_the_others(tmp_path, cifar_archive):
+    """An lr of 1e30 makes both end-to-end rows diverge at once (as in test_cli)."""
+    root = tmp_path / 'root'
+    proc = run_table('run', '--out', root, '--depth', '1', '--rows', 'bp', 'bottom', '--',
+                     '--data-dir', cifar_archive, '--train-images', '16',
+                     '--test-images', '4', '--batchsize', '4', '--iterations', '3',
+                     '--lr', '1e30')
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count(': diverged in ') == 2
+    rows = {r[0]: r for r in table_rows((root / 'table.md').read_text())}
+    for label in ('BackProp', 'Bottom half with back prop'):
+        assert re.fullmatch(r'diverged at iteration \d+', rows[label][2])
+
+
+def test_run_fails_for_other_reasons(tmp_path):
+    proc = run_table('run', '--out', tmp_path / 'root', '--depth', '1', '--rows', 'bp',
+                     '--', '--data-dir', tmp_path / 'nothing-here')
+    assert proc.returncode == table.EXIT_FAILED
+    assert 'FAILED (train.py exit status 2' in proc.stdout
+    assert '1 run(s) failed' in proc.stdout
+
+
+def test_run_checks_train_arguments_first(tmp_path):
+    for extra in (['--seed', '3'], ['--iterations', '0']):
+        proc = run_table('run', '--out', tmp_path / 'root', '--', *extra)
+        assert proc.returncode == 2
+        assert not (tmp_path / 'root').exists()
