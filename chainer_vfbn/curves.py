@@ -21,7 +21,6 @@ import argparse
 import collections
 import json
 import os
-import re
 import sys
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -104,14 +103,9 @@ class Run(object):
         return min(n, full) if n and full else (n or full)
 
     @property
-    def diverged_at(self):
-        """The iteration that went non-finite, as train.py's message names it
-        (result.json's ``iteration`` counts the iterations completed before it)."""
-        m = re.search(r'diverged at iteration (\d+)', self.result.get('message', ''))
-        return int(m.group(1)) if m else self.last_iteration
-
-    @property
     def last_iteration(self):
+        """result.json's iteration (for a diverged run, the one that went
+        non-finite), else the last logged one."""
         if self.result and self.result.get('iteration') is not None:
             return self.result['iteration']
         return self.log[-1]['iteration'] if self.log else 0
@@ -197,7 +191,7 @@ def legend_label(label, runs):
         text += ' (%d seeds, min-max band)' % len(runs)
     diverged = [r for r in runs if r.status == 'diverged']
     if diverged:
-        at = ', '.join(str(r.diverged_at) for r in diverged)
+        at = ', '.join(str(r.last_iteration) for r in diverged)
         if len(diverged) == len(runs):
             text += ' - DIVERGED at iteration %s' % at
         else:
@@ -215,11 +209,12 @@ def describe(runs):
         return ', '.join(sorted({str(get(r)) for r in runs}))
     datasets = values(lambda r: DATASET_NAMES.get(r.args.get('dataset'), r.args.get('dataset')))
     nets = values(lambda r: network_name(r.args['depth']))
-    views = values(lambda r: r.args.get('eval_views', config.EVAL_VIEWS))
+    views = values(lambda r: '36-view averaged' if r.args.get('eval_views', config.EVAL_VIEWS)
+                   == config.N_VIEWS else 'centre-view')
     tests = values(lambda r: r.args.get('test_images') or 'all')
     train = values(lambda r: '{:,}'.format(r.train_images))
     return ('%s, %s, %s training images x 36 views' % (datasets, nets, train),
-            '%s-view averaged test error on %s test images' % (views, tests))
+            '%s test error on %s test images' % (views, tests))
 
 
 def network_name(depth):
@@ -235,14 +230,14 @@ def x_label(unit):
 
 def _new_figure(nrows, height):
     fig = Figure(figsize=(8.5, height), layout='constrained')
-    FigureCanvasAgg(fig)
+    FigureCanvasAgg(fig)  # Agg, whatever the user's default backend: no display needed
     return fig, [fig.add_subplot(nrows, 1, i + 1) for i in range(nrows)]
 
 
 def _draw(ax, label, runs, key, unit, variant=0, scale=1.0):
     """One row's line (mean over seeds), its min-max band, and an x where a run
     diverged. ``variant`` > 0 (another configuration of the same row) changes the
-    line style. Returns False when no run of the group logged ``key``."""
+    line style. A group that never logged ``key`` still gets its legend entry."""
     color, style = STYLES.get(runs[0].row_key, OTHER_STYLE)
     if variant:
         style = VARIANT_STYLES[(VARIANT_STYLES.index(style) + variant) % len(VARIANT_STYLES)]
@@ -250,7 +245,7 @@ def _draw(ax, label, runs, key, unit, variant=0, scale=1.0):
     xs, mean, lo, hi = aggregate(series)
     if not xs:
         ax.plot([], [], color=color, linestyle=style, label=legend_label(label, runs))
-        return False
+        return
     ax.plot(xs, mean, color=color, linestyle=style, linewidth=1.8, marker='.',
             markersize=4, label=legend_label(label, runs))
     if len(runs) > 1:
@@ -259,7 +254,6 @@ def _draw(ax, label, runs, key, unit, variant=0, scale=1.0):
         if r.status == 'diverged' and s:
             ax.plot([s[-1][0]], [s[-1][1]], marker='x', markersize=10, mew=2.5,
                     color=color, linestyle='none')
-    return True
 
 
 def _with_variants(groups):

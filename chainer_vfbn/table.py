@@ -127,10 +127,10 @@ FACTS = (
     ('network', lambda r: '%s, split %s' % (
         curves.network_name(r.args['depth']),
         'after unit %d of ResBlock-2' % -(-r.args['depth'] // 2)
-        if r.args.get('split') is None else 'at unit index %s' % r.args['split'])),
+        if r.args.get('split') is None else 'before unit index %s' % r.args['split'])),
     ('budget', lambda r: budget(r.args, r.train_images)),
-    ('test error', lambda r: '%d-view averaged, on %s test images'
-     % (r.args.get('eval_views', 36),
+    ('test error', lambda r: '%s, on %s test images'
+     % ('36-view averaged' if r.args.get('eval_views', 36) == 36 else 'centre view only',
         '{:,}'.format(r.args['test_images']) if r.args.get('test_images') else 'all')),
     ('machine', lambda r: machine(r.args)),
     ('versions', lambda r: versions(r.args)),
@@ -159,7 +159,7 @@ def error_text(runs):
     elif errors:
         parts.append('%.2f (1 seed)' % errors[0])
     if diverged:
-        at = ', '.join(str(r.diverged_at) for r in diverged)
+        at = ', '.join(str(r.last_iteration) for r in diverged)
         if len(diverged) < len(runs):
             parts.append('%d of %d seeds diverged at iteration %s'
                          % (len(diverged), len(runs), at))
@@ -212,7 +212,7 @@ def results_table(run_dirs):
             '**%s** %s' % (name, get(present[0])) for name, get in shared) + '.', '']
     lines.append('In each command, S is one of the row\'s seeds; `--out` is left out.')
     lines.append('')
-    header = ['Table 1 row', 'paper, CIFAR-10', 'ours', 'seeds'] + \
+    header = ['Table 1 row', 'paper (CIFAR-10) %', 'ours %', 'seeds'] + \
         [name for name, _ in varying] + ['command']
     lines.append('| ' + ' | '.join(header) + ' |')
     lines.append('|' + '|'.join('---' for _ in header) + '|')
@@ -291,7 +291,7 @@ def config_mismatch(recorded, argv):
 def outcome(run):
     """One run's result in a few words, for the progress lines."""
     if run.status == 'diverged':
-        return 'diverged at iteration %d' % run.diverged_at
+        return 'diverged at iteration %d' % run.last_iteration
     return 'test error %.2f%% after %d iterations' % (100.0 * run.result['test_error'],
                                                      run.last_iteration)
 
@@ -407,16 +407,21 @@ def build_parser():
                     'and Figure 3).')
     sub = p.add_subparsers(dest='command', required=True)
     r = sub.add_parser('run', help='train the rows one after another (resumable), '
-                                   'then report; train.py arguments may follow --')
+                                   'then report; train.py arguments may follow --',
+                       epilog='Arguments after -- go to every train.py run, e.g. '
+                              '-- --train-images 5000 --iterations 250 --eval-every 50. '
+                              'Run the same command again to resume.')
     r.add_argument('--out', required=True, metavar='ROOT',
                    help='runs go to ROOT/<row>/seed<k>')
     r.add_argument('--dataset', choices=('cifar10', 'fashion-mnist'), default=None,
                    help="train.py's --dataset (default: train.py's, cifar10)")
     r.add_argument('--depth', type=int, default=None,
                    help="residual units per block (default: train.py's, 18)")
-    r.add_argument('--seeds', type=int, nargs='+', default=[0])
-    r.add_argument('--rows', nargs='+', choices=[slug(row) for row in methods.TABLE1],
-                   default=None, help='run only these rows (default: all seven)')
+    r.add_argument('--seeds', type=int, nargs='+', default=[0], metavar='SEED',
+                   help='train.py --seed of each run (default: 0)')
+    slugs = [slug(row) for row in methods.TABLE1]
+    r.add_argument('--rows', nargs='+', choices=slugs, default=None, metavar='ROW',
+                   help='run only these rows (default: all seven): %s' % ', '.join(slugs))
     rep = sub.add_parser('report', help='write ROOT/table.md and ROOT/figure3_*')
     rep.add_argument('root', metavar='ROOT')
     return p

@@ -9,7 +9,6 @@ generated CIFAR-10 archive of ``conftest.py``, two iterations each: a second ``r
 must retrain nothing, and a run whose result.json is gone resumes from its snapshot.
 """
 import json
-import math
 import os
 import re
 import shlex
@@ -56,7 +55,7 @@ def write_run(folder, slug, seed, errors, diverged_at=None, extra=()):
         result = {'status': 'finished', 'test_error': errors[-1], 'iteration': 100,
                   'eval_views': 36, 'test_images': 100}
     else:
-        result = {'status': 'diverged', 'iteration': diverged_at - 1,
+        result = {'status': 'diverged', 'iteration': diverged_at,
                   'message': '%s diverged at iteration %d: delta_hat became non-finite'
                              % (args['method'], diverged_at)}
     for name, content in (('args.json', args), ('log', log), ('result.json', result)):
