@@ -173,9 +173,20 @@ def versions():
     return v
 
 
+def cpu_name():
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine(device):
-    m = {'platform': platform.platform(), 'processor': platform.processor() or platform.machine(),
-         'cpus': os.cpu_count(), 'device': str(device)}
+    m = {'platform': platform.platform(), 'cpu': cpu_name(), 'cpus': os.cpu_count(),
+         'device': str(device)}
     if device.xp is not numpy:
         try:
             import cupy
@@ -240,8 +251,10 @@ def header(args, device, train, test_images):
     lines = [
         '# chainer-vfbn: %s%s' % (row.label if row else args.method,
                                   ' (paper: %.2f%% on CIFAR-10)' % row.paper_error if row else ''),
-        '# method %s, alpha_gs %g, depth %d units/block (%d layers), split %s'
-        % (args.method, args.alpha_gs, args.depth, 6 * args.depth + 2,
+        '# method %s%s, depth %d units/block (%d layers), split %s'
+        % (args.method,
+           ', alpha_gs %g' % args.alpha_gs if args.method in methods.SYNTHESIZERS else '',
+           args.depth, 6 * args.depth + 2,
            args.split if args.split is not None else 'middle of ResBlock-2'),
         '# data %s: %d images x 36 views = %d training examples, %d test images, %d-view test error'
         % (args.dataset, len(train.images), len(train), len(test_images), args.eval_views),

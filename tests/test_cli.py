@@ -95,6 +95,7 @@ def short_run(row, iterations=3):
 # ---------------------------------------------------------------------------
 # (a) Every Table 1 row trains.
 
+@pytest.mark.numpy1
 @pytest.mark.parametrize('row', methods.TABLE1, ids=row_id)
 def test_table1_row_trains(trained, row):
     out, proc = trained(*short_run(row))

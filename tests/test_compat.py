@@ -22,6 +22,8 @@ import chainer
 import chainer.functions as F
 from chainer import gradient_check
 
+pytestmark = pytest.mark.numpy1  # CI runs this file on NumPy 1.26 too
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Makes `import <name>` (and its submodules) fail in the child, as on a stack where

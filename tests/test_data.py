@@ -20,6 +20,8 @@ import chainer
 
 from chainer_vfbn import data
 
+pytestmark = pytest.mark.numpy1  # CI runs this file on NumPy 1.26 too
+
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 

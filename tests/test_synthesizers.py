@@ -61,6 +61,7 @@ def _ce_through(v_f, h, y):
         return float(chainer.functions.softmax_cross_entropy(v_f(h), y).array)
 
 
+@pytest.mark.numpy1
 def test_conv_vfbn_delta_hat_matches_finite_differences(f64):
     rng = numpy.random.RandomState(2)
     h = rng.randn(3, 4, 3, 3)
@@ -72,6 +73,7 @@ def test_conv_vfbn_delta_hat_matches_finite_differences(f64):
     numpy.testing.assert_allclose(got, num, rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.numpy1
 def test_eq3_gradient_wrt_vf_params_matches_finite_differences(f64):
     """Double backprop: d/dtheta ||delta_hat(theta) - delta||^2 / B."""
     rng = numpy.random.RandomState(3)
