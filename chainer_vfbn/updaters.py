@@ -52,7 +52,9 @@ def check_finite(method, iteration, **arrays):
     """Raise :class:`NonFiniteError` naming each array with a NaN or an inf.
 
     One host synchronisation: the arrays' sums are added up first (any NaN or inf
-    makes the total non-finite), and only then inspected one by one."""
+    makes the total non-finite), and only then inspected one by one. The updaters
+    call it once per iteration, at its end: every synchronisation stalls the host
+    until the GPU catches up, and a step is bound by the host (README, GPU)."""
     xp = backend.get_array_module(*arrays.values())
     total = sum(a.sum(dtype=xp.float64) for a in arrays.values())
     if bool(xp.isfinite(total)):
@@ -104,7 +106,8 @@ class SplitUpdater(StandardUpdater):
         raise NotImplementedError
 
     def after_upper(self, delta, t):
-        """Called with the true delta once the upper half has been updated."""
+        """Called with the true delta once the upper half has been updated; returns
+        a dict of further arrays to watch for non-finite values."""
 
     def update_core(self):
         iterator = self.get_iterator('main')
@@ -113,7 +116,6 @@ class SplitUpdater(StandardUpdater):
         # 1-2. Lower half, driven by the gradient that stands in for delta.
         h = self.lower(x)
         delta_hat = self.lower_gradient(h.array, t)
-        check_finite(self.method, self.iteration + 1, h=h.array, delta_hat=delta_hat)
         self.lower.cleargrads()
         h.grad = delta_hat
         h.backward()
@@ -127,7 +129,6 @@ class SplitUpdater(StandardUpdater):
         loss.backward()
         self.get_optimizer('upper').update()
         delta = h_up.grad
-        check_finite(self.method, self.iteration + 1, loss=loss.array, delta=delta)
         chainer.report({'main/loss': loss, 'main/accuracy': F.accuracy(logits, t)})
 
         ms = (delta * delta).mean()
@@ -137,7 +138,9 @@ class SplitUpdater(StandardUpdater):
             self.delta_ms = self.delta_rms_decay * self.delta_ms + (1 - self.delta_rms_decay) * ms
 
         # 4. Whatever trains the gradient's source.
-        self.after_upper(delta, t)
+        watched = self.after_upper(delta, t) or {}
+        check_finite(self.method, self.iteration + 1, h=h.array, delta_hat=delta_hat,
+                     loss=loss.array, delta=delta, **watched)
 
         if self.diag_interval and (self.iteration + 1) % self.diag_interval == 0:
             report_fidelity(delta_hat, delta, h.array, self.scale)
@@ -202,11 +205,11 @@ class DecoupledUpdater(SplitUpdater):
         out, self._pending = self._pending, None
         e = self.synth.loss(out, delta, self.scale)
         chainer.report({'synth/loss': e})
-        check_finite(self.method, self.iteration + 1, synth_loss=e.array)
         if self.train_synth:
             self.synth.cleargrads()
             e.backward()
             self.get_optimizer('synth').update()
+        return {'synth_loss': e.array}
 
 
 class LayerwiseUpdater(SplitUpdater):
