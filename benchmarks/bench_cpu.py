@@ -27,6 +27,7 @@ import chainer  # noqa: E402
 import numpy  # noqa: E402
 
 from chainer_vfbn import data, methods  # noqa: E402
+from chainer_vfbn.training import cpu_name  # noqa: E402
 
 ROWS = [(r.label, r.method, r.alpha_gs if r.alpha_gs is not None else 0.0)
         for r in methods.TABLE1]
@@ -100,7 +101,9 @@ def markdown(res):
              'Command: `%s`  ' % res['command'],
              'Machine: %s, %d cores; Python %s, NumPy %s, Chainer %s.  ' % (
                  res['machine'], res['cpus'], res['python'], res['numpy'], res['chainer']),
-             'Measured %s.' % res['date'], '',
+             'Measured %s; 1-minute load average %.1f before, %.1f after (2 cores: '
+             'above 2 means other work shared the machine).' % (
+                 res['date'], res['load_average_before'], res['load_average_after']), '',
              '## Data pipeline (one core, batch 128)', '',
              '%.0f views/s (target: >= 50,000).' % res['data_views_per_s'], '']
     for st in res['steps']:
@@ -126,7 +129,8 @@ def main():
                    help='timed steps per method, for each depth')
     args = p.parse_args()
     res = {'command': ' '.join(['python'] + sys.argv), 'date': time.strftime('%Y-%m-%d'),
-           'machine': platform.processor() or platform.machine(), 'cpus': os.cpu_count(),
+           'machine': cpu_name(), 'cpus': os.cpu_count(),
+           'load_average_before': os.getloadavg()[0],
            'python': platform.python_version(), 'numpy': numpy.__version__,
            'chainer': chainer.__version__, 'steps': []}
     res['data_views_per_s'] = bench_data()
@@ -137,6 +141,7 @@ def main():
         st = bench_steps(depth, args.batch, rep)
         res['steps'].append(st)
         print(json.dumps(st, indent=1), flush=True)
+    res['load_average_after'] = os.getloadavg()[0]
     os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
     with open(args.out + '.json', 'w') as f:
         json.dump(res, f, indent=2)
