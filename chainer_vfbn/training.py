@@ -162,7 +162,7 @@ def seed_everything(seed, device):
 
 
 def versions():
-    import matplotlib  # noqa: F401  (recorded for plots)
+    """Versions of what computes the numbers (recorded in args.json)."""
     v = {'python': platform.python_version(), 'chainer': chainer.__version__,
          'numpy': numpy.__version__}
     try:
