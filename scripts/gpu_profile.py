@@ -16,48 +16,23 @@ import io
 import json
 import os
 import pstats
-import statistics
 import sys
-import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
-import chainer_vfbn  # noqa: E402,F401
-import chainer  # noqa: E402
+# The device check's helpers (importing it also sets CUPY_TF32=0, so both scripts
+# time the same fp32 kernels).
+from device_check import ResidentBatches, summarize_times, timed_update  # noqa: E402
+
+import chainer  # noqa: E402  (after chainer_vfbn, which device_check imports first)
 import numpy  # noqa: E402
 
 from chainer_vfbn import methods  # noqa: E402
 
 
-class Fixed(chainer.dataset.Iterator):
-    """Iterator over a few batches already on the device."""
-    epoch, is_new_epoch, epoch_detail = 0, False, 0.0
-
-    def __init__(self, batches):
-        self.batches, self.count = batches, 0
-
-    def __next__(self):
-        self.count += 1
-        return self.batches[self.count % len(self.batches)]
-
-    next = __next__
-
-
-def sync(device):
-    if device.xp is not numpy:
-        device.xp.cuda.Device().synchronize()
-
-
 def steps(updater, device, n):
-    out = []
-    for _ in range(n):
-        sync(device)
-        t = time.perf_counter()
-        with chainer.Reporter().scope({}):
-            updater.update()
-        sync(device)
-        out.append(time.perf_counter() - t)
-    return out
+    return [timed_update(updater, device, {}) for _ in range(n)]
 
 
 def main():
@@ -77,15 +52,14 @@ def main():
     res, text = {}, io.StringIO()
     for name, method, alpha in (('bp', 'bp', 0.0), ('vfbn', 'vfbn', 1e-3)):
         numpy.random.seed(0)
-        up = methods.build(method, Fixed(batches), device, units=args.depth,
+        up = methods.build(method, ResidentBatches(batches), device, units=args.depth,
                            alpha_gs=alpha).updater
-        up.converter = lambda batch, device: batch
         steps(up, device, 3)
         for tc in (True, False):
             with chainer.using_config('type_check', tc):
                 ts = steps(up, device, args.timed)
             key = '%s type_check=%s' % (name, tc)
-            res[key] = {'median_ms': 1e3 * statistics.median(ts), 'min_ms': 1e3 * min(ts)}
+            res[key] = summarize_times(ts)
             print(key, res[key], flush=True)
         prof = cProfile.Profile()
         with chainer.using_config('type_check', False):
