@@ -56,6 +56,26 @@ def test_mlp_vfbn_is_eq9_in_loss_form(f64):
     numpy.testing.assert_allclose(synth(h, y).array, -paper_eq9 / B, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.numpy1
+def test_cross_entropy_value_gradient_and_hessian_are_the_closed_forms(f64):
+    """CE(z) = mean_i -log softmax(z_i)[y_i]; dCE/dz = (p - onehot) / B; and the
+    double backward gives the Hessian-vector product (p * u - p (p . u)) / B."""
+    rng = numpy.random.RandomState(5)
+    B = 6
+    z = chainer.Variable(rng.randn(B, 10) * 3)
+    y = rng.randint(0, 10, B).astype(numpy.int32)
+    u = rng.randn(B, 10)
+    p = softmax(z.array)
+    loss = S.cross_entropy(z, y)
+    numpy.testing.assert_allclose(loss.array, -numpy.log(p[numpy.arange(B), y]).mean(),
+                                  rtol=1e-13)
+    g, = chainer.grad([loss], [z], enable_double_backprop=True)
+    numpy.testing.assert_allclose(g.array, (p - onehot(y)) / B, rtol=1e-12, atol=1e-15)
+    hu, = chainer.grad([chainer.functions.sum(g * u)], [z])
+    expected = (p * u - p * (p * u).sum(axis=1, keepdims=True)) / B
+    numpy.testing.assert_allclose(hu.array, expected, rtol=1e-10, atol=1e-15)
+
+
 def _ce_through(v_f, h, y):
     with chainer.using_config('train', True):
         return float(chainer.functions.softmax_cross_entropy(v_f(h), y).array)
