@@ -12,10 +12,9 @@
 """
 import collections
 
-import chainer
 from chainer import optimizers
 
-from chainer_vfbn import config, model, synthesizers, updaters
+from chainer_vfbn import config, model, sgd, synthesizers, updaters
 
 METHODS = ('bp', 'bottom', 'layerwise', 'jaderberg-resnet', 'jaderberg-linear', 'vfbn')
 SYNTHESIZERS = ('jaderberg-resnet', 'jaderberg-linear', 'vfbn')
@@ -51,11 +50,10 @@ def find_row(method, alpha_gs):
 
 def network_optimizer(link, lr=config.LR, momentum=config.MOMENTUM,
                       weight_decay=config.WEIGHT_DECAY):
-    """MomentumSGD with weight decay (chainer-cifar10's ResNet-110 recipe)."""
-    opt = optimizers.MomentumSGD(lr=lr, momentum=momentum)
+    """MomentumSGD with weight decay (chainer-cifar10's ResNet-110 recipe), every
+    parameter updated at once (:mod:`chainer_vfbn.sgd`)."""
+    opt = sgd.MomentumSGDWeightDecay(lr=lr, momentum=momentum, weight_decay=weight_decay)
     opt.setup(link)
-    if weight_decay:
-        opt.add_hook(chainer.optimizer_hooks.WeightDecay(weight_decay))
     return opt
 
 

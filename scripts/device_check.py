@@ -14,6 +14,10 @@ order, each guarded so that a failure is recorded and the next one still runs:
 2. ``timing``: one training step of BP and of VFBN (alpha_gs = 1e-3) at full depth,
    batch 128, the batches already on the device: median over synchronised steps;
    then BP again with CuPy's float32 GEMMs on TF32 (PyTorch's TF32 counterpart).
+2b. ``changes``: each speed-up (``chainer_vfbn.sgd``'s one-kernel optimizer,
+   ``synthesizers.cross_entropy`` without a host sync) timed against the code it
+   replaced, runs interleaved in one process, as ratios; and the fused optimizer's
+   parameters against Chainer's optimizer's on the device.
 3. ``torch``: the same ResNet-110 in PyTorch on the same GPU (cuDNN, eager), fp32 and
    TF32, as the yardstick of what this GPU does with this network.
 4. ``methods``: 20 training steps of every Table 1 method (``methods.TABLE1``) through
@@ -63,7 +67,7 @@ from chainer_vfbn import config, data, methods, model, synthesizers, updaters  #
 # Run in this order. float64 comes last: its GPU kernels are compiled for it alone
 # (CuPy compiles every kernel once per dtype), so where compilation is slow it must
 # not delay the float32 timings; a timeout then costs only the float64 check.
-SECTIONS = ('numerics', 'timing', 'torch', 'methods', 'data', 'numerics64')
+SECTIONS = ('numerics', 'timing', 'changes', 'torch', 'methods', 'data', 'numerics64')
 RESNET110_PARAMS = 2975594  # SPEC section 2: parameters at 18 units per block
 
 # ---------------------------------------------------------------------------
@@ -581,6 +585,141 @@ def timing(args, device, report):
 
 
 # ---------------------------------------------------------------------------
+# 2b. Changes made to speed up the step, each timed against the code it replaced.
+
+@contextlib.contextmanager
+def chainer_optimizer():
+    """``methods.build`` with Chainer's MomentumSGD and WeightDecay hook, the
+    optimizer that ``chainer_vfbn.sgd`` replaced (two kernels per parameter)."""
+    def network_optimizer(link, lr=config.LR, momentum=config.MOMENTUM,
+                          weight_decay=config.WEIGHT_DECAY):
+        opt = chainer.optimizers.MomentumSGD(lr=lr, momentum=momentum)
+        opt.setup(link)
+        opt.add_hook(chainer.optimizer_hooks.WeightDecay(weight_decay))
+        return opt
+    saved, methods.network_optimizer = methods.network_optimizer, network_optimizer
+    try:
+        yield
+    finally:
+        methods.network_optimizer = saved
+
+
+@contextlib.contextmanager
+def chainer_cross_entropy():
+    """VFBN's delta_hat through Chainer's double-backprop cross-entropy, which
+    ``synthesizers.cross_entropy`` replaced (a host sync in ``max(count, 1.)``)."""
+    saved = synthesizers.cross_entropy
+    synthesizers.cross_entropy = (
+        lambda z, y: F.softmax_cross_entropy(z, y, enable_double_backprop=True))
+    try:
+        yield
+    finally:
+        synthesizers.cross_entropy = saved
+
+
+#: (key, method, the replaced code to put back for it). Keys name what is current.
+CHANGE_RUNS = (
+    ('bp, Chainer optimizer', 'bp', (chainer_optimizer,)),
+    ('bp', 'bp', ()),
+    ('vfbn, Chainer optimizer and cross-entropy', 'vfbn',
+     (chainer_optimizer, chainer_cross_entropy)),
+    ('vfbn, Chainer optimizer', 'vfbn', (chainer_optimizer,)),
+    ('vfbn', 'vfbn', ()),
+)
+#: (what changed, run after, run before): the ratios the section reports.
+CHANGE_RATIOS = (
+    ('one-kernel optimizer, BP', 'bp', 'bp, Chainer optimizer'),
+    ('sync-free cross-entropy, VFBN', 'vfbn, Chainer optimizer',
+     'vfbn, Chainer optimizer and cross-entropy'),
+    ('one-kernel optimizer, VFBN', 'vfbn', 'vfbn, Chainer optimizer'),
+    ('VFBN / BP before both changes', 'vfbn, Chainer optimizer and cross-entropy',
+     'bp, Chainer optimizer'),
+    ('VFBN / BP now', 'vfbn', 'bp'),
+)
+#: Fused optimizer vs Chainer's on the same device and gradients, 5 steps: the
+#: kernel computes ``grad + decay * param`` inside the update instead of storing it
+#: first, which may round once less per step (float32 eps 1.2e-7 relative).
+OPTIMIZER_RTOL = 1e-6
+
+
+def optimizer_agreement(device, seed, steps=5):
+    """``max |p_ours - p_chainer| / max |p_chainer|`` over the parameters of a depth-2
+    network after ``steps`` updates from the same weights and gradients."""
+    nets = []
+    for replaced in (True, False):
+        numpy.random.seed(seed)
+        net = model.Net(*model.build_resnet(2))
+        net.to_device(device)
+        with (chainer_optimizer() if replaced else contextlib.nullcontext()):
+            nets.append((net, methods.network_optimizer(net)))
+    rng = numpy.random.RandomState(seed)
+    for _ in range(steps):
+        grads = {name: rng.standard_normal(p.shape).astype(p.dtype)
+                 for name, p in nets[0][0].namedparams()}
+        for net, opt in nets:
+            for name, p in net.namedparams():
+                p.grad = device.send(grads[name].copy())   # updates write to it
+            opt.update()
+    ref, got = ({name: to_host(p.array) for name, p in net.namedparams()} for net, _ in nets)
+    diff = max(float(numpy.abs(got[k] - ref[k]).max()) for k in ref)
+    scale = max(float(numpy.abs(ref[k]).max()) for k in ref)
+    return {'steps': steps, 'max_abs': diff, 'err': diff / scale, 'tol': OPTIMIZER_RTOL,
+            'passed': diff / scale <= OPTIMIZER_RTOL}
+
+
+def changes(args, device, report):
+    """Each speed-up against the code it replaced: all runs built side by side and
+    timed round-robin (one step of each in turn), so that a slow spell of the
+    machine hits every run alike; the ratios are taken within this one process."""
+    sec = report.section('changes')
+    sec.update(depth=args.depth, batch=args.batch, warmup=args.warmup, timed=args.timed,
+               what='updater.update(), batches on the device, runs interleaved; '
+                    'median of synchronised steps after the warm-up', results={})
+    sec['optimizer_agreement'] = agreement = optimizer_agreement(device, args.seed)
+    log('changes: one-kernel optimizer vs Chainer\'s on %s: err %.1e (tol %.0e) %s'
+        % (device, agreement['err'], OPTIMIZER_RTOL, _verdict(agreement['passed'])))
+    images, labels = generated_images(4 * args.batch, args.seed)
+    it = data.BatchIterator(data.AugmentedDataset(images, labels), args.batch)
+    batches = [tuple(device.send(a) for a in it.next()) for _ in range(4)]
+    runs = {}
+    for key, method, replaced in CHANGE_RUNS:
+        numpy.random.seed(args.seed)
+        with contextlib.ExitStack() as stack:
+            for patch in replaced:
+                stack.enter_context(patch())
+            setup = methods.build(method, ResidentBatches(batches), device,
+                                  units=args.depth, alpha_gs=1e-3)
+        runs[key] = (setup.updater, replaced, [], {})
+
+    def step(key):
+        updater, replaced, times, obs = runs[key]
+        with contextlib.ExitStack() as stack:
+            for patch in replaced:
+                stack.enter_context(patch())
+            return timed_update(updater, device, obs)
+
+    for i in range(args.warmup + args.timed):
+        if CLOCK.left() <= 0:
+            sec['skipped'] = 'time budget spent after %d rounds' % i
+            break
+        for key in runs:
+            seconds = step(key)
+            if i >= args.warmup:
+                runs[key][2].append(seconds)
+    for key, (_, _, times, obs) in runs.items():
+        if times:
+            sec['results'][key] = dict(summarize_times(times),
+                                       final_loss=float(obs['main/loss'].array))
+            log('changes %s: median %.1f ms/step' % (key, sec['results'][key]['median_ms']))
+    sec['ratios'] = {name: sec['results'][a]['median_ms'] / sec['results'][b]['median_ms']
+                     for name, a, b in CHANGE_RATIOS
+                     if a in sec['results'] and b in sec['results']}
+    for name, ratio in sec['ratios'].items():
+        log('changes %s: %.3f' % (name, ratio))
+    del runs
+
+
+# ---------------------------------------------------------------------------
 # 3. PyTorch reference: the same network, cuDNN, eager.
 
 def torch_resnet(depth):
@@ -883,6 +1022,7 @@ def render_markdown(d):
         lines += ['**Chainer cannot use the device**: %s' % d['device_error']['error'], '']
     for name, render in (('environment', _md_environment), ('numerics', _md_numerics),
                          ('numerics64', _md_numerics), ('timing', _md_timing),
+                         ('changes', _md_changes),
                          ('torch', _md_torch), ('methods', _md_methods),
                          ('data', _md_data)):
         if name in s and set(s[name]) - {'error', 'traceback'}:
@@ -941,6 +1081,26 @@ def _md_timing(tim, s):
     lines += [_time_row(key, r, tim['batch']) for key, r in tim['results'].items()]
     if 'vfbn_over_bp' in tim:
         lines += ['', 'VFBN / BP step time: **%.2f**' % tim['vfbn_over_bp']]
+    return lines
+
+
+def _md_changes(ch, s):
+    agree = ch.get('optimizer_agreement', {})
+    lines = ['## Speed-ups, each against the code it replaced (%s)'
+             % s.get('environment', {}).get('device', '?'), '',
+             'Depth %s units/block, batch %s, alpha_gs 1e-3; %s (%s warm-up, %s timed).'
+             % (ch['depth'], ch['batch'], ch['what'], ch['warmup'], ch['timed']), '']
+    if agree:
+        lines += ['One-kernel optimizer against Chainer\'s MomentumSGD + WeightDecay on the '
+                  'same device and gradients, %d steps at depth 2: err %.1e (tol %.0e): %s.'
+                  % (agree['steps'], agree['err'], agree['tol'], _verdict(agree['passed'])), '']
+    lines += ['| run | median ms/step | min ms |', '|---|---|---|']
+    lines += ['| %s | %.1f | %.1f |' % (key, r['median_ms'], r['min_ms'])
+              for key, r in ch.get('results', {}).items()]
+    lines += ['', '| ratio | value |', '|---|---|']
+    lines += ['| %s | **%.3f** |' % kv for kv in ch.get('ratios', {}).items()]
+    if 'skipped' in ch:
+        lines += ['', 'Cut short: %s.' % ch['skipped']]
     return lines
 
 
@@ -1066,6 +1226,7 @@ def main(argv=None):
     runners = {'numerics': lambda: numerics(args, device, report, numpy.float32),
                'numerics64': lambda: numerics(args, device, report, numpy.float64),
                'timing': lambda: timing(args, device, report),
+               'changes': lambda: changes(args, device, report),
                'torch': lambda: torch_reference(args, gpu, report),
                'methods': lambda: all_methods(args, device, report),
                'data': lambda: data_pipeline(args, device, report)}

@@ -67,7 +67,8 @@ def test_dry_run_on_cpu_runs_every_section(tmp_path):
     md = (out / 'device_check.md').read_text()
     sections = report['sections']
     assert report['status'] == {name: 'done' for name in
-                                ('numerics', 'timing', 'torch', 'methods', 'data', 'numerics64')}
+                                ('numerics', 'timing', 'changes', 'torch', 'methods', 'data',
+                                 'numerics64')}
     assert sections['environment']['device'] == '@numpy'
 
     # Numerics: CPU against CPU is exact, in both precisions, for BP and VFBN.
@@ -89,6 +90,13 @@ def test_dry_run_on_cpu_runs_every_section(tmp_path):
     timing = sections['timing']['results']
     assert timing['bp']['median_ms'] > 0 and timing['vfbn (alpha_gs=0.001)']['median_ms'] > 0
     assert sections['timing']['vfbn_over_bp'] > 0
+    # Each speed-up against the code it replaced: every run timed, every ratio there,
+    # and on the CPU the one-kernel optimizer equals Chainer's exactly.
+    changes, device_check = sections['changes'], load_script()
+    assert set(changes['results']) == {key for key, _, _ in device_check.CHANGE_RUNS}
+    assert set(changes['ratios']) == {name for name, _, _ in device_check.CHANGE_RATIOS}
+    assert all(r > 0 for r in changes['ratios'].values())
+    assert changes['optimizer_agreement']['max_abs'] == 0
     rows = sections['methods']['results']
     assert list(rows) == [row.label for row in methods.TABLE1]
     for label, r in rows.items():
@@ -103,7 +111,7 @@ def test_dry_run_on_cpu_runs_every_section(tmp_path):
     else:
         assert torch_sec['params_match'] and torch_sec['same_network']['passed']
 
-    for heading in ('## Numerics, float32', '## Numerics, float64', '## Step time',
+    for heading in ('## Numerics, float32', '## Numerics, float64', '## Step time', '## Speed-ups',
                     '## PyTorch reference', '## 2 training steps of every Table 1 method', '## Data pipeline'):
         assert heading in md
     assert 'FAIL' not in md and 'PASS' in md

@@ -1,0 +1,123 @@
+"""The one-kernel optimizer against Chainer's own MomentumSGD + WeightDecay hook."""
+import chainer_vfbn  # noqa: F401  (compat shim before chainer)
+
+import copy
+import io
+
+import chainer
+import numpy
+import pytest
+from chainer import optimizers, serializers
+
+from chainer_vfbn import model
+from chainer_vfbn.sgd import MomentumSGDWeightDecay
+
+pytestmark = pytest.mark.numpy1
+
+LR, MOMENTUM, WD = 0.1, 0.9, 1e-4
+
+
+def small_net():
+    numpy.random.seed(0)
+    lower, upper = model.build_resnet(1, None)
+    return model.Net(lower, upper)
+
+
+def chainer_optimizer(net):
+    opt = optimizers.MomentumSGD(lr=LR, momentum=MOMENTUM)
+    opt.setup(net)
+    opt.add_hook(chainer.optimizer_hooks.WeightDecay(WD))
+    return opt
+
+
+def ours(net):
+    opt = MomentumSGDWeightDecay(LR, MOMENTUM, WD)
+    opt.setup(net)
+    return opt
+
+
+def set_grads(step, *nets):
+    """The same random gradients in every net; one parameter gets none."""
+    rng = numpy.random.RandomState(step)
+    for named in zip(*(sorted(n.namedparams()) for n in nets)):
+        g = rng.randn(*named[0][1].shape).astype(numpy.float32)
+        for i, (name, p) in enumerate(named):
+            p.grad = None if name.endswith('fc/b') else g.copy()
+
+
+def assert_same_params(a, b):
+    for (name, p), (_, q) in zip(sorted(a.namedparams()), sorted(b.namedparams())):
+        numpy.testing.assert_array_equal(p.array, q.array, err_msg=name)
+
+
+def test_bit_identical_to_chainer_with_a_schedule_and_a_missing_gradient():
+    ref_net = small_net()
+    net = copy.deepcopy(ref_net)
+    ref, opt = chainer_optimizer(ref_net), ours(net)
+    for step in range(6):
+        if step == 3:
+            ref.lr = opt.lr = LR * 0.1
+        set_grads(step, ref_net, net)
+        ref.update()
+        opt.update()
+    assert_same_params(ref_net, net)
+    assert opt.t == ref.t == 6
+    moved = sum(numpy.abs(p.array - q.array).sum()
+                for (_, p), (_, q) in zip(sorted(net.namedparams()),
+                                          sorted(small_net().namedparams())))
+    assert moved > 0
+
+
+def test_parameters_are_views_of_one_buffer_and_survive_replacement():
+    ref_net = small_net()
+    net = copy.deepcopy(ref_net)
+    ref, opt = chainer_optimizer(ref_net), ours(net)
+    set_grads(0, ref_net, net)
+    ref.update()
+    opt.update()
+    buffer = opt._flat.param
+    assert all(p.array.base is buffer for p in net.params())
+    # What moving to a device does: every parameter gets a new array.
+    for p in net.params():
+        p.array = p.array.copy()
+    for step in (1, 2):
+        set_grads(step, ref_net, net)
+        ref.update()
+        opt.update()
+    assert opt._flat.param is not buffer
+    assert_same_params(ref_net, net)       # the velocity was carried over
+
+
+@pytest.mark.parametrize('saver', ['ours', 'chainer'])
+def test_snapshots_are_interchangeable_with_chainers(saver):
+    """Save one optimizer after 2 steps, load it into the other kind, take 2 more
+    steps in both: the same parameters as 4 uninterrupted steps of Chainer's."""
+    ref_net = small_net()
+    ref = chainer_optimizer(ref_net)
+    for step in range(4):
+        set_grads(step, ref_net)
+        ref.update()
+
+    first_net = small_net()
+    first = ours(first_net) if saver == 'ours' else chainer_optimizer(first_net)
+    for step in range(2):
+        set_grads(step, first_net)
+        first.update()
+    buf = io.BytesIO()
+    serializers.save_npz(buf, first)
+    buf.seek(0)
+
+    net = copy.deepcopy(first_net)
+    second = chainer_optimizer(net) if saver == 'ours' else ours(net)
+    serializers.load_npz(buf, second)
+    assert second.t == 2
+    for step in (2, 3):
+        set_grads(step, net)
+        second.update()
+    assert_same_params(ref_net, net)
+
+
+def test_hooks_are_refused_with_a_clear_message():
+    opt = ours(small_net())
+    with pytest.raises(TypeError, match='weight decay is built in'):
+        opt.add_hook(chainer.optimizer_hooks.WeightDecay(WD))
