@@ -11,6 +11,8 @@
   hits every method alike; reported as ratios to the backprop step of the same run.
 * Where a synthesizer's time goes: its forward (delta_hat) and its eq. 3 backward,
   timed alone on a fixed h.
+* The optimizer update of ResNet-110's 330 parameter arrays: chainer_vfbn.sgd's
+  one-operation update against Chainer's MomentumSGD + WeightDecay hook, interleaved.
 """
 import argparse
 import json
@@ -26,7 +28,7 @@ import chainer_vfbn  # noqa: E402,F401  (compat shim before chainer)
 import chainer  # noqa: E402
 import numpy  # noqa: E402
 
-from chainer_vfbn import data, methods  # noqa: E402
+from chainer_vfbn import config, data, methods, model, sgd  # noqa: E402
 from chainer_vfbn.training import cpu_name  # noqa: E402
 
 ROWS = [(r.label, r.method, r.alpha_gs if r.alpha_gs is not None else 0.0)
@@ -96,6 +98,35 @@ def bench_steps(depth, batch, repeats):
             'synthesizer_parts_s': synth_parts}
 
 
+def bench_optimizer(repeats=30):
+    """Seconds per ``optimizer.update()`` over ResNet-110's parameters (gradients
+    already there), ours and Chainer's taken in turn; medians and their ratio."""
+    hyper = (config.LR, config.MOMENTUM, config.WEIGHT_DECAY)
+    rng = numpy.random.RandomState(0)
+    opts = {}
+    for name, make in (('chainer', sgd.chainer_momentum_sgd),
+                       ('ours', sgd.MomentumSGDWeightDecay)):
+        numpy.random.seed(0)
+        net = model.Net(*model.build_resnet(18))
+        opts[name] = opt = make(net, *hyper) if name == 'chainer' else make(*hyper)
+        if name == 'ours':
+            opt.setup(net)
+    grads = [rng.standard_normal(p.shape).astype(numpy.float32) * 1e-2
+             for p in opts['ours'].target.params()]
+    times = {name: [] for name in opts}
+    for i in range(repeats + 2):
+        for name, opt in opts.items():
+            for p, g in zip(opt.target.params(), grads):
+                p.grad = g.copy()
+            start = time.perf_counter()
+            opt.update()
+            if i >= 2:
+                times[name].append(time.perf_counter() - start)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    return {'arrays': len(grads), 'values': sum(g.size for g in grads), 'repeats': repeats,
+            'median_s': med, 'ours_over_chainer': med['ours'] / med['chainer']}
+
+
 def markdown(res):
     lines = ['# CPU benchmarks', '',
              'Command: `%s`  ' % res['command'],
@@ -117,6 +148,16 @@ def markdown(res):
                 label, st['median_step_s'][label], st['ratio_to_bp'][label],
                 '%.3f' % p['forward_s'] if p else '', '%.3f' % p['eq3_backward_s'] if p else ''))
         lines.append('')
+    opt = res.get('optimizer')
+    if opt:
+        lines += ['## Optimizer update, ResNet-110 (%d arrays, %d values), median of %d'
+                  % (opt['arrays'], opt['values'], opt['repeats']), '',
+                  '| optimizer | update (ms) |', '|---|---|',
+                  '| Chainer MomentumSGD + WeightDecay hook | %.2f |'
+                  % (1e3 * opt['median_s']['chainer']),
+                  '| chainer_vfbn.sgd.MomentumSGDWeightDecay | %.2f |'
+                  % (1e3 * opt['median_s']['ours']), '',
+                  'Ours / Chainer: **%.2f**.' % opt['ours_over_chainer'], '']
     return '\n'.join(lines)
 
 
@@ -141,6 +182,8 @@ def main():
         st = bench_steps(depth, args.batch, rep)
         res['steps'].append(st)
         print(json.dumps(st, indent=1), flush=True)
+    res['optimizer'] = bench_optimizer()
+    print(json.dumps(res['optimizer'], indent=1), flush=True)
     res['load_average_after'] = os.getloadavg()[0]
     os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
     with open(args.out + '.json', 'w') as f:

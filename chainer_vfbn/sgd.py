@@ -30,7 +30,8 @@ def _kernel():
 
 
 class _Flat(object):
-    """The target's parameters as views into one buffer, and their velocities."""
+    """The target's parameters as views into one buffer, their velocities as views
+    into another, and a buffer that the gradients are gathered into."""
 
     def __init__(self, params, old=None):
         xp = backend.get_array_module(params[0].array)
@@ -41,6 +42,9 @@ class _Flat(object):
         with chainer.using_device(params[0].device):
             self.param = xp.empty(sum(p.size for p in params), dtype)
             self.velocity = xp.zeros_like(self.param)
+            self.grad = xp.empty_like(self.param)
+            # NumPy's products go here, not into a fresh 12 MB array each step.
+            self.scratch = xp.empty_like(self.param) if xp is numpy else None
         self.params, self.param_views, self.velocity_views = params, [], []
         offset = 0
         for i, p in enumerate(params):
@@ -82,7 +86,7 @@ class MomentumSGDWeightDecay(optimizers.MomentumSGD):
                         % (name or getattr(hook, 'name', hook)))
 
     def _buffers(self):
-        params = [p for _, p in self.target.namedparams()]
+        params = list(self.target.params())
         if self._flat is None or not self._flat.is_current(params):
             if any(p.array is None for p in params):
                 raise RuntimeError('MomentumSGDWeightDecay: every parameter must be '
@@ -97,20 +101,24 @@ class MomentumSGDWeightDecay(optimizers.MomentumSGD):
             loss.backward()
             del loss
         flat = self._buffers()
-        self.reallocate_cleared_grads()    # as Chainer: a missing gradient is zero
         xp = backend.get_array_module(flat.param)
+        lr, momentum, decay = self.hyperparam.lr, self.hyperparam.momentum, self.weight_decay
         with chainer.using_device(flat.params[0].device):
-            grad = xp.concatenate([p.grad.ravel() for p in flat.params])
-            lr, momentum = self.hyperparam.lr, self.hyperparam.momentum
+            grads = [p.grad for p in flat.params]
+            if any(g is None for g in grads):     # as Chainer: a missing gradient is zero
+                grads = [xp.zeros_like(p.array) if g is None else g
+                         for p, g in zip(flat.params, grads)]
+            xp.concatenate([g.ravel() for g in grads], out=flat.grad)
             if xp is numpy:
-                # Chainer's CPU order: the hook, then MomentumSGDRule.update_core_cpu.
-                grad += self.weight_decay * flat.param
-                flat.velocity *= momentum
-                flat.velocity -= lr * grad
-                flat.param += flat.velocity
+                # Chainer's CPU arithmetic, operation for operation: the hook's
+                # ``g += rate * p``, then MomentumSGDRule.update_core_cpu.
+                g, v, tmp = flat.grad, flat.velocity, flat.scratch
+                g += numpy.multiply(decay, flat.param, out=tmp)
+                v *= momentum
+                v -= numpy.multiply(lr, g, out=tmp)
+                flat.param += v
             else:
-                _kernel()(grad, lr, momentum, self.weight_decay,
-                          flat.param, flat.velocity)
+                _kernel()(flat.grad, lr, momentum, decay, flat.param, flat.velocity)
         self.t += 1
         for p in flat.params:
             p.update_rule.t += 1
@@ -119,7 +127,17 @@ class MomentumSGDWeightDecay(optimizers.MomentumSGD):
         self.t = serializer('t', self.t)
         self.epoch = serializer('epoch', self.epoch)
         flat = self._buffers()
-        for (name, param), v in zip(self.target.namedparams(), flat.velocity_views):
+        index = {id(p): i for i, p in enumerate(flat.params)}
+        for name, param in self.target.namedparams():
             rule = param.update_rule
             rule.t = serializer[name]('t', rule.t)
-            serializer[name]('v', v)     # in place, both ways
+            serializer[name]('v', flat.velocity_views[index[id(param)]])  # in place
+
+
+def chainer_momentum_sgd(link, lr, momentum, weight_decay):
+    """The optimizer this module replaces, for comparisons: Chainer's MomentumSGD
+    with a WeightDecay hook, set up on ``link``."""
+    opt = optimizers.MomentumSGD(lr=lr, momentum=momentum)
+    opt.setup(link)
+    opt.add_hook(chainer.optimizer_hooks.WeightDecay(weight_decay))
+    return opt

@@ -62,7 +62,7 @@ import chainer_vfbn  # noqa: E402  (first: its repairs must precede Chainer's im
 import chainer  # noqa: E402
 import chainer.functions as F  # noqa: E402
 
-from chainer_vfbn import config, data, methods, model, synthesizers, updaters  # noqa: E402
+from chainer_vfbn import config, data, methods, model, sgd, synthesizers, updaters  # noqa: E402
 
 # Run in this order. float64 comes last: its GPU kernels are compiled for it alone
 # (CuPy compiles every kernel once per dtype), so where compilation is slow it must
@@ -593,10 +593,7 @@ def chainer_optimizer():
     optimizer that ``chainer_vfbn.sgd`` replaced (two kernels per parameter)."""
     def network_optimizer(link, lr=config.LR, momentum=config.MOMENTUM,
                           weight_decay=config.WEIGHT_DECAY):
-        opt = chainer.optimizers.MomentumSGD(lr=lr, momentum=momentum)
-        opt.setup(link)
-        opt.add_hook(chainer.optimizer_hooks.WeightDecay(weight_decay))
-        return opt
+        return sgd.chainer_momentum_sgd(link, lr, momentum, weight_decay)
     saved, methods.network_optimizer = methods.network_optimizer, network_optimizer
     try:
         yield
