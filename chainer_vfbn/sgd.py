@@ -8,12 +8,17 @@ where a step is bound by the host.
 
 :class:`MomentumSGDWeightDecay` does the same arithmetic on one flat buffer: the
 parameters become views into it (and so do the velocities), the gradients are
-gathered by one concatenation, and one elementwise kernel (three NumPy operations on
+gathered by one concatenation, and one elementwise kernel (five NumPy operations on
 the CPU) updates all of them. On the CPU the result is bit-identical to Chainer's
-optimizer with the hook (tested); on a GPU the fused kernel may round
-``grad + decay * param`` once less. Unlike Chainer's hook it leaves ``param.grad``
-as backward made it. Snapshots use Chainer's layout (``t`` and ``v`` per parameter),
-so they load into either optimizer.
+optimizer with the hook (tested). On a GPU the kernel evaluates the same expressions
+as Chainer's two kernels, and ``scripts/device_check.py`` compares the two there.
+Unlike Chainer's hook it leaves ``param.grad`` as backward made it.
+
+As in Chainer, a parameter whose ``update_rule`` is disabled (``disable_update()``)
+is left alone. Per-parameter hyperparameters are refused with a clear error. Snapshots
+use Chainer's layout (``t`` and ``v`` per parameter), so a snapshot taken after the
+first update loads into either optimizer. Needs CuPy 8 or later on a GPU
+(``concatenate(..., out=)``); the README asks for 13 or 14.
 """
 import chainer
 import numpy
@@ -30,10 +35,11 @@ def _kernel():
 
 
 class _Flat(object):
-    """The target's parameters as views into one buffer, their velocities as views
-    into another, and a buffer that the gradients are gathered into."""
+    """The updated parameters as views into one buffer, their velocities as views
+    into another (starting from ``previous[id(param)]`` where there is one), and a
+    buffer that the gradients are gathered into."""
 
-    def __init__(self, params, old=None):
+    def __init__(self, params, previous):
         xp = backend.get_array_module(params[0].array)
         dtype = params[0].dtype
         if any(p.dtype != dtype for p in params):
@@ -47,21 +53,24 @@ class _Flat(object):
             self.scratch = xp.empty_like(self.param) if xp is numpy else None
         self.params, self.param_views, self.velocity_views = params, [], []
         offset = 0
-        for i, p in enumerate(params):
+        for p in params:
             end = offset + p.size
             view = self.param[offset:end].reshape(p.shape)
             view[...] = p.array
             p.array = view
             v = self.velocity[offset:end].reshape(p.shape)
-            if old is not None:
-                v[...] = p.device.send(old.velocity_views[i])
+            if id(p) in previous:      # the same parameter, moved or re-assigned
+                v[...] = p.device.send(previous[id(p)])
             self.param_views.append(view)
             self.velocity_views.append(v)
             offset = end
 
+    def velocities(self):
+        return {id(p): v for p, v in zip(self.params, self.velocity_views)}
+
     def is_current(self, params):
-        """Whether every parameter still is its view (moving a link to another
-        device, or assigning ``param.array``, replaces it)."""
+        """Whether these are still the parameters, and each still is its view
+        (moving a link to another device, or assigning ``param.array``, replaces it)."""
         return (len(params) == len(self.params)
                 and all(p is q and p.array is view
                         for p, q, view in zip(params, self.params, self.param_views)))
@@ -78,6 +87,11 @@ class MomentumSGDWeightDecay(optimizers.MomentumSGD):
         super().__init__(lr=lr, momentum=momentum)
         self.weight_decay = weight_decay
         self._flat = None
+        self._parked = {}  # id(param) -> velocity of a parameter disabled since
+
+    def setup(self, link):
+        self._flat, self._parked = None, {}
+        return super().setup(link)
 
     def add_hook(self, hook, name=None, timing='auto'):
         raise TypeError('MomentumSGDWeightDecay updates every parameter in one '
@@ -85,13 +99,45 @@ class MomentumSGDWeightDecay(optimizers.MomentumSGD):
                         'chainer.optimizers.MomentumSGD for %r'
                         % (name or getattr(hook, 'name', hook)))
 
+    def _updated_params(self):
+        """The target's parameters with an enabled update rule, checked."""
+        params = []
+        for p in self.target.params():
+            rule = p.update_rule
+            if rule is None:
+                raise RuntimeError('MomentumSGDWeightDecay: parameter %s was added to the '
+                                   'link after setup(); call setup() again' % self._name(p))
+            if not rule.enabled:
+                continue
+            if len(vars(rule.hyperparam)) > 1:     # more than its ``_parent``
+                raise ValueError('MomentumSGDWeightDecay: parameter %s has its own '
+                                 'hyperparameters (%s); use chainer.optimizers.MomentumSGD'
+                                 % (self._name(p), ', '.join(sorted(
+                                     set(vars(rule.hyperparam)) - {'_parent'}))))
+            if p.array is None:
+                raise RuntimeError('MomentumSGDWeightDecay: parameter %s must be '
+                                   'initialized before the first update' % self._name(p))
+            params.append(p)
+        return params
+
+    def _name(self, param):
+        return next(name for name, p in self.target.namedparams() if p is param)
+
     def _buffers(self):
-        params = list(self.target.params())
+        """The flat buffers of the parameters updated now (None if there are none),
+        rebuilt when the parameters or their arrays have changed."""
+        params = self._updated_params()
+        if not params:
+            return None
         if self._flat is None or not self._flat.is_current(params):
-            if any(p.array is None for p in params):
-                raise RuntimeError('MomentumSGDWeightDecay: every parameter must be '
-                                   'initialized before the first update')
-            self._flat = _Flat(params, self._flat)
+            previous = dict(self._parked)
+            if self._flat is not None:
+                previous.update(self._flat.velocities())
+            self._flat = _Flat(params, previous)
+            updated = {id(p) for p in params}
+            # A parameter disabled mid-run keeps its velocity, as in Chainer (for
+            # snapshots, and for when it is enabled again).
+            self._parked = {k: v.copy() for k, v in previous.items() if k not in updated}
         return self._flat
 
     def update(self, lossfun=None, *args, **kwds):
@@ -100,7 +146,10 @@ class MomentumSGDWeightDecay(optimizers.MomentumSGD):
             self.target.cleargrads()
             loss.backward()
             del loss
+        self.t += 1
         flat = self._buffers()
+        if flat is None:
+            return
         xp = backend.get_array_module(flat.param)
         lr, momentum, decay = self.hyperparam.lr, self.hyperparam.momentum, self.weight_decay
         with chainer.using_device(flat.params[0].device):
@@ -119,7 +168,6 @@ class MomentumSGDWeightDecay(optimizers.MomentumSGD):
                 flat.param += v
             else:
                 _kernel()(flat.grad, lr, momentum, decay, flat.param, flat.velocity)
-        self.t += 1
         for p in flat.params:
             p.update_rule.t += 1
 
@@ -127,11 +175,18 @@ class MomentumSGDWeightDecay(optimizers.MomentumSGD):
         self.t = serializer('t', self.t)
         self.epoch = serializer('epoch', self.epoch)
         flat = self._buffers()
-        index = {id(p): i for i, p in enumerate(flat.params)}
+        velocities = dict(self._parked)
+        if flat is not None:
+            velocities.update(flat.velocities())
         for name, param in self.target.namedparams():
             rule = param.update_rule
+            if id(param) not in velocities:    # never updated here: Chainer's rule
+                rule.serialize(serializer[name])
+                continue
             rule.t = serializer[name]('t', rule.t)
-            serializer[name]('v', flat.velocity_views[index[id(param)]])  # in place
+            # In place, both ways. As in Chainer, loading needs ``v``: a snapshot
+            # taken before the first update has none.
+            serializer[name]('v', velocities[id(param)])
 
 
 def chainer_momentum_sgd(link, lr, momentum, weight_decay):

@@ -158,12 +158,13 @@ class VirtualForward(chainer.Chain):
 def cross_entropy(logits, y):
     """Batch-mean softmax cross-entropy, differentiable twice, with no host sync.
 
-    ``F.softmax_cross_entropy(..., enable_double_backprop=True)`` computes the same
-    value but divides by ``max(count, 1.)``, a Python ``max`` over a device scalar:
-    on a GPU that stalls the host mid-step until every queued kernel has run (47 ms
-    per VFBN step under the profiler on the H200, ``benchmarks/gpu/gpu_profile.txt``,
-    ``builtins.max``). Here the divisor is the batch size, a Python int: there are no
-    ignored labels."""
+    ``F.softmax_cross_entropy(..., enable_double_backprop=True)`` has the same
+    gradients, bit for bit (tested; the value can differ in its last bit when the
+    batch is not a power of two), but divides by ``max(count, 1.)``, a Python ``max``
+    over a device scalar: on a GPU that stalls the host mid-step until every queued
+    kernel has run (47 ms per VFBN step under the profiler on the H200,
+    ``benchmarks/gpu/gpu_profile.txt``, ``builtins.max``). Here the divisor is the
+    batch size, a Python int: there are no ignored labels."""
     return -F.sum(F.select_item(F.log_softmax(logits), y)) / len(y)
 
 

@@ -121,3 +121,74 @@ def test_hooks_are_refused_with_a_clear_message():
     opt = ours(small_net())
     with pytest.raises(TypeError, match='weight decay is built in'):
         opt.add_hook(chainer.optimizer_hooks.WeightDecay(WD))
+
+
+def test_frozen_parameters_are_left_alone_as_in_chainer():
+    ref_net = small_net()
+    net = copy.deepcopy(ref_net)
+    ref, opt = chainer_optimizer(ref_net), ours(net)
+    for step in range(3):
+        if step == 1:                        # freeze the lower half mid-run
+            ref_net.lower.disable_update()
+            net.lower.disable_update()
+        set_grads(step, ref_net, net)
+        ref.update()
+        opt.update()
+    assert_same_params(ref_net, net)
+    frozen = {name: p.array.copy() for name, p in net.lower.namedparams()}
+    set_grads(3, net)
+    opt.update()
+    for name, p in net.lower.namedparams():
+        numpy.testing.assert_array_equal(p.array, frozen[name], err_msg=name)
+    # A snapshot with frozen parameters loads into Chainer's optimizer.
+    buf = io.BytesIO()
+    serializers.save_npz(buf, opt)
+    buf.seek(0)
+    serializers.load_npz(buf, ref)
+    assert ref.t == opt.t == 4
+    # Unfrozen, the lower half resumes with the velocity it had, in both.
+    ref_net.copyparams(net)
+    ref_net.lower.enable_update()
+    net.lower.enable_update()
+    set_grads(4, ref_net, net)
+    ref.update()
+    opt.update()
+    assert_same_params(ref_net, net)
+
+
+def test_setup_on_another_link_starts_from_zero_velocity():
+    net = small_net()
+    opt = ours(net)
+    set_grads(0, net)
+    opt.update()                              # velocity now nonzero
+    other = small_net()
+    opt.setup(other)
+    before = {name: p.array.copy() for name, p in other.namedparams()}
+    opt.weight_decay = 0.0
+    for p in other.params():
+        p.grad = numpy.zeros_like(p.array)
+    opt.update()                              # zero gradient, zero velocity: no move
+    for name, p in other.namedparams():
+        numpy.testing.assert_array_equal(p.array, before[name], err_msg=name)
+
+
+def test_per_parameter_hyperparameters_and_late_parameters_are_refused():
+    net = small_net()
+    opt = ours(net)
+    set_grads(0, net)
+    net.upper.fc.W.update_rule.hyperparam.lr = 0.0
+    with pytest.raises(ValueError, match='/upper/fc/W has its own hyperparameters'):
+        opt.update()
+    net = small_net()
+    opt = ours(net)
+    with net.upper.init_scope():
+        net.upper.extra = chainer.Parameter(numpy.zeros(3, numpy.float32))
+    with pytest.raises(RuntimeError, match='/upper/extra was added to the link after setup'):
+        opt.update()
+
+
+def test_a_link_without_parameters_is_a_no_op():
+    opt = MomentumSGDWeightDecay(LR, MOMENTUM, WD)
+    opt.setup(chainer.Chain())
+    opt.update()
+    assert opt.t == 1
