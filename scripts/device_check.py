@@ -13,7 +13,9 @@ order, each guarded so that a failure is recorded and the next one still runs:
    delta_hat); in float32 (the float64 run, ``numerics64``, comes last).
 2. ``timing``: one training step of BP and of VFBN (alpha_gs = 1e-3) at full depth,
    batch 128, the batches already on the device: median over synchronised steps;
-   then BP again with CuPy's float32 GEMMs on TF32 (PyTorch's TF32 counterpart).
+   then BP again with CuPy's float32 GEMMs on TF32 (PyTorch's TF32 counterpart);
+   then a BP step split into forward, backward and update, each timed until the
+   host has queued it and until the device has run it, with its function count.
 2b. ``changes``: each speed-up (``chainer_vfbn.sgd``'s one-kernel optimizer,
    ``synthesizers.cross_entropy`` without a host sync) timed against the code it
    replaced, runs interleaved in one process, as ratios; and the fused optimizer's
@@ -582,6 +584,67 @@ def timing(args, device, report):
     bp, vf = sec['results'].get('bp', {}), sec['results'].get('vfbn (alpha_gs=0.001)', {})
     if 'median_ms' in bp and 'median_ms' in vf:
         sec['vfbn_over_bp'] = vf['median_ms'] / bp['median_ms']
+    if CLOCK.left() > 0:
+        try:
+            sec['bp_phases'] = bp_phases(args, device, batches)
+        except Exception as e:
+            sec['bp_phases'] = short_error(e)
+        free_device_memory(device)
+
+
+class CountApplies(chainer.FunctionHook):
+    """Counts function applications (``FunctionNode.apply``), those that backward
+    makes included: each costs Chainer's Python, whatever the device."""
+    name = 'CountApplies'
+
+    def __init__(self):
+        self.count = 0
+
+    def forward_preprocess(self, function, in_data):
+        self.count += 1
+
+
+def bp_phases(args, device, batches):
+    """Where a backprop step's time goes: forward (with the loss), backward and the
+    optimizer update, each timed twice from a synchronisation: until the host has
+    queued its work (``host_ms``) and until the device has done it (``done_ms``).
+    ``done`` close to ``host`` means that phase is bound by the host. Also the number
+    of function applications in each phase (device-independent)."""
+    numpy.random.seed(args.seed)
+    setup = methods.build('bp', ResidentBatches(batches), device, units=args.depth)
+    opt = setup.updater.get_optimizer('main')
+    net, (x, t) = opt.target, batches[0]
+    names = ('forward', 'backward', 'update')
+    host, done, applies = ({n: [] for n in names} for _ in range(3))
+
+    def phase(name, work, counter=None):
+        synchronize(device)
+        start = time.perf_counter()
+        with counter or contextlib.nullcontext():
+            out = work()
+        host[name].append(time.perf_counter() - start)
+        synchronize(device)
+        done[name].append(time.perf_counter() - start)
+        if counter is not None:
+            applies[name] = counter.count
+        return out
+
+    for i in range(args.warmup + args.timed + 1):
+        last = i == args.warmup + args.timed     # untimed: counts the applications
+        counters = {n: CountApplies() if last else None for n in names}
+        loss = phase('forward', lambda: F.softmax_cross_entropy(net(x), t), counters['forward'])
+        net.cleargrads()
+        phase('backward', loss.backward, counters['backward'])
+        phase('update', opt.update, counters['update'])
+        if i < args.warmup or last:
+            for n in names:
+                host[n].pop(), done[n].pop()
+    out = {n: {'host_ms': 1e3 * statistics.median(host[n]),
+               'done_ms': 1e3 * statistics.median(done[n]), 'applies': applies[n]}
+           for n in names}
+    log('timing bp phases: ' + ', '.join('%s %.1f ms host / %.1f ms done, %d applies' % (
+        n, out[n]['host_ms'], out[n]['done_ms'], out[n]['applies']) for n in names))
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -1112,6 +1175,16 @@ def _md_timing(tim, s):
     lines += [_time_row(key, r, tim['batch']) for key, r in tim['results'].items()]
     if 'vfbn_over_bp' in tim:
         lines += ['', 'VFBN / BP step time: **%.2f**' % tim['vfbn_over_bp']]
+    phases = tim.get('bp_phases', {})
+    if 'error' in phases:
+        lines += ['', 'Backprop step by phase: ERROR %s' % phases['error']]
+    elif phases:
+        lines += ['', 'Backprop step by phase (medians; "host": until the host has queued '
+                  'the work, "done": until the device has run it, both from a '
+                  'synchronisation):', '', '| phase | host ms | done ms | function applications |',
+                  '|---|---|---|---|']
+        lines += ['| %s | %.1f | %.1f | %d |' % (n, r['host_ms'], r['done_ms'], r['applies'])
+                  for n, r in phases.items()]
     return lines
 
 

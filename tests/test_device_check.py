@@ -90,6 +90,10 @@ def test_dry_run_on_cpu_runs_every_section(tmp_path):
     timing = sections['timing']['results']
     assert timing['bp']['median_ms'] > 0 and timing['vfbn (alpha_gs=0.001)']['median_ms'] > 0
     assert sections['timing']['vfbn_over_bp'] > 0
+    phases = sections['timing']['bp_phases']
+    assert phases['forward']['applies'] > 0 and phases['backward']['applies'] > 0
+    assert phases['update']['applies'] == 0     # the one-kernel optimizer applies none
+    assert all(0 < r['host_ms'] <= r['done_ms'] for r in phases.values())
     # Each speed-up against the code it replaced: every run timed, every ratio there,
     # and on the CPU the one-kernel optimizer equals Chainer's exactly.
     changes, device_check = sections['changes'], load_script()
