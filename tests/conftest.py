@@ -30,6 +30,34 @@ if REPO_ROOT not in sys.path:
 
 import chainer_vfbn  # noqa: E402,F401  (the shim must precede `import chainer`)
 
+
+
+# ---------------------------------------------------------------------------
+# Devices: a check function run on the CPU and, marked ``gpu``, on GPU 0 (skipped
+# without CuPy and a GPU; ``scripts/device_check.py`` is the GPU machine's check).
+
+def _gpu_or_skip():
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError('no CUDA device')
+    except Exception as e:
+        pytest.skip('needs CuPy and a GPU (%s: %s)' % (type(e).__name__, e))
+    import chainer
+    return chainer.get_device('@cupy:0')
+
+
+@pytest.fixture(params=['@numpy', pytest.param('@cupy:0', marks=pytest.mark.gpu)])
+def device(request):
+    """``chainer.get_device('@numpy')``, then GPU 0 (marked ``gpu``)."""
+    if request.param == '@numpy':
+        import chainer
+        return chainer.get_device('@numpy')
+    device = _gpu_or_skip()
+    device.use()
+    return device
+
+
 CIFAR_PER_BATCH = 20
 CIFAR_BATCH_NAMES = ['data_batch_%d' % i for i in range(1, 6)] + ['test_batch']
 

@@ -37,23 +37,36 @@ def ours(net):
 
 
 def set_grads(step, *nets):
-    """The same random gradients in every net; one parameter gets none."""
+    """The same random gradients in every net, on its device; one parameter gets none."""
     rng = numpy.random.RandomState(step)
     for named in zip(*(sorted(n.namedparams()) for n in nets)):
         g = rng.randn(*named[0][1].shape).astype(numpy.float32)
         for i, (name, p) in enumerate(named):
-            p.grad = None if name.endswith('fc/b') else g.copy()
+            p.grad = None if name.endswith('fc/b') else p.device.send(g.copy())
+
+
+def host(array):
+    return chainer.backend.CpuDevice().send(array)
 
 
 def assert_same_params(a, b):
+    """Bit for bit on the CPU. On a GPU the fused kernel evaluates Chainer's two
+    expressions in one; the same bits are expected, one float32 rounding allowed."""
     for (name, p), (_, q) in zip(sorted(a.namedparams()), sorted(b.namedparams())):
-        numpy.testing.assert_array_equal(p.array, q.array, err_msg=name)
+        if p.device.xp is numpy:
+            numpy.testing.assert_array_equal(p.array, q.array, err_msg=name)
+        else:
+            numpy.testing.assert_allclose(host(p.array), host(q.array), rtol=0,
+                                          atol=1e-6 * float(abs(host(p.array)).max()),
+                                          err_msg=name)
 
 
-def test_bit_identical_to_chainer_with_a_schedule_and_a_missing_gradient():
+def test_bit_identical_to_chainer_with_a_schedule_and_a_missing_gradient(device):
     ref_net = small_net()
     net = copy.deepcopy(ref_net)
     ref, opt = chainer_optimizer(ref_net), ours(net)
+    ref_net.to_device(device)      # after setup, as the updater does
+    net.to_device(device)
     for step in range(6):
         if step == 3:
             ref.lr = opt.lr = LR * 0.1
@@ -62,7 +75,7 @@ def test_bit_identical_to_chainer_with_a_schedule_and_a_missing_gradient():
         opt.update()
     assert_same_params(ref_net, net)
     assert opt.t == ref.t == 6
-    moved = sum(numpy.abs(p.array - q.array).sum()
+    moved = sum(numpy.abs(host(p.array) - q.array).sum()
                 for (_, p), (_, q) in zip(sorted(net.namedparams()),
                                           sorted(small_net().namedparams())))
     assert moved > 0
@@ -89,17 +102,19 @@ def test_parameters_are_views_of_one_buffer_and_survive_replacement():
 
 
 @pytest.mark.parametrize('saver', ['ours', 'chainer'])
-def test_snapshots_are_interchangeable_with_chainers(saver):
+def test_snapshots_are_interchangeable_with_chainers(saver, device):
     """Save one optimizer after 2 steps, load it into the other kind, take 2 more
     steps in both: the same parameters as 4 uninterrupted steps of Chainer's."""
     ref_net = small_net()
     ref = chainer_optimizer(ref_net)
+    ref_net.to_device(device)
     for step in range(4):
         set_grads(step, ref_net)
         ref.update()
 
     first_net = small_net()
     first = ours(first_net) if saver == 'ours' else chainer_optimizer(first_net)
+    first_net.to_device(device)
     for step in range(2):
         set_grads(step, first_net)
         first.update()
