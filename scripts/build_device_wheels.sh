@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Gather the wheels that scripts/device_check.py needs on the lent GPU machine.
+# Gather the wheels that scripts/device_check.py and the GPU tests need on the lent
+# GPU machine.
 #
 # That machine (Python 3.12, NumPy 2.5, CuPy 14, PyTorch; see ../shared/COMPAT.md,
 # "CuPy") has no network and no Chainer. Chainer 7.8.1 is pure Python, but PyPI has
@@ -17,10 +18,12 @@ cd "$(dirname "$0")/.."
 PY=${1:-.venv/bin/python}
 OUT=.whl
 CHAINER=chainer==7.8.1
-# Pure-Python dependencies Chainer needs at import (COMPAT.md); versions pinned so
-# that reruns give the same files (those of the project .venv, where Chainer is
-# known to work). All three support Python 3.12.
-DEPS=(six==1.17.0 filelock==4.3.1 typing-extensions==4.16.0)
+# Pure-Python dependencies Chainer needs at import (COMPAT.md), then pytest and its
+# own, for the GPU twins of the tests (`pytest -m gpu`); versions pinned so that
+# reruns give the same files (those of the project .venv, where they are known to
+# work). All support Python 3.12.
+DEPS=(six==1.17.0 filelock==4.3.1 typing-extensions==4.16.0
+      pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 packaging==26.4 pygments==2.21.0)
 
 mkdir -p "$OUT"
 rm -f "$OUT"/*.whl
@@ -42,7 +45,7 @@ fi
     --implementation py --dest "$OUT" "${DEPS[@]}"
 
 # Exactly one wheel per project, all pure Python.
-for name in chainer six filelock typing_extensions; do
+for name in chainer six filelock typing_extensions pytest pluggy iniconfig packaging pygments; do
     n=$(ls "$OUT" | grep -ci "^${name}-" || true)
     if [ "$n" != 1 ]; then
         echo "error: expected one $name wheel in $OUT, found $n" >&2
