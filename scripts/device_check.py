@@ -33,7 +33,8 @@ Without CuPy or a GPU the script prints ``CuPy/CUDA not available: ...``, writes
 nothing and exits 0. ``--device @numpy`` dry-runs every section on the CPU (the
 "GPU" side is then a second CPU copy, and the numerics must agree exactly).
 
-Run on the device (Chainer installed from the wheels of build_device_wheels.sh)::
+Run on the device (Chainer installed from the wheels of build_device_wheels.sh;
+``scripts/device_run.sh OUT`` does the install, this, and the GPU tests)::
 
     PYTHONPATH=/tmp/site:$PWD python3 scripts/device_check.py --out $OUT
 """
