@@ -103,14 +103,9 @@ def bench_optimizer(repeats=30):
     already there), ours and Chainer's taken in turn; medians and their ratio."""
     hyper = (config.LR, config.MOMENTUM, config.WEIGHT_DECAY)
     rng = numpy.random.RandomState(0)
-    opts = {}
-    for name, make in (('chainer', sgd.chainer_momentum_sgd),
-                       ('ours', sgd.MomentumSGDWeightDecay)):
-        numpy.random.seed(0)
-        net = model.Net(*model.build_resnet(18))
-        opts[name] = opt = make(net, *hyper) if name == 'chainer' else make(*hyper)
-        if name == 'ours':
-            opt.setup(net)
+    opts = {name: make(model.Net(*model.build_resnet(18)), *hyper)
+            for name, make in (('chainer', sgd.chainer_momentum_sgd),
+                               ('ours', methods.network_optimizer))}
     grads = [rng.standard_normal(p.shape).astype(numpy.float32) * 1e-2
              for p in opts['ours'].target.params()]
     times = {name: [] for name in opts}

@@ -8,7 +8,7 @@ where a step is bound by the host.
 
 :class:`MomentumSGDWeightDecay` does the same arithmetic on one flat buffer: the
 parameters become views into it (and so do the velocities), the gradients are
-gathered by one concatenation, and one elementwise kernel (five NumPy operations on
+gathered by one concatenation, and one elementwise kernel (six NumPy operations on
 the CPU) updates all of them. On the CPU the result is bit-identical to Chainer's
 optimizer with the hook (tested). On a GPU the kernel evaluates the same expressions
 as Chainer's two kernels, and ``scripts/device_check.py`` compares the two there.

@@ -616,32 +616,35 @@ def bp_phases(args, device, batches):
     opt = setup.updater.get_optimizer('main')
     net, (x, t) = opt.target, batches[0]
     names = ('forward', 'backward', 'update')
-    host, done, applies = ({n: [] for n in names} for _ in range(3))
+    host, done = ({n: [] for n in names} for _ in range(2))
+    applies = {n: CountApplies() for n in names}
 
-    def phase(name, work, counter=None):
+    def step(phase_hook):
+        """One step, each phase wrapped by ``phase_hook(name)``."""
+        with phase_hook('forward'):
+            loss = F.softmax_cross_entropy(net(x), t)
+        net.cleargrads()
+        with phase_hook('backward'):
+            loss.backward()
+        with phase_hook('update'):
+            opt.update()
+
+    @contextlib.contextmanager
+    def timed(name):
         synchronize(device)
         start = time.perf_counter()
-        with counter or contextlib.nullcontext():
-            out = work()
+        yield
         host[name].append(time.perf_counter() - start)
         synchronize(device)
         done[name].append(time.perf_counter() - start)
-        if counter is not None:
-            applies[name] = counter.count
-        return out
 
-    for i in range(args.warmup + args.timed + 1):
-        last = i == args.warmup + args.timed     # untimed: counts the applications
-        counters = {n: CountApplies() if last else None for n in names}
-        loss = phase('forward', lambda: F.softmax_cross_entropy(net(x), t), counters['forward'])
-        net.cleargrads()
-        phase('backward', loss.backward, counters['backward'])
-        phase('update', opt.update, counters['update'])
-        if i < args.warmup or last:
-            for n in names:
-                host[n].pop(), done[n].pop()
+    for _ in range(args.warmup):
+        step(lambda name: contextlib.nullcontext())
+    for _ in range(args.timed):
+        step(timed)
+    step(lambda name: applies[name])       # untimed: counts the applications
     out = {n: {'host_ms': 1e3 * statistics.median(host[n]),
-               'done_ms': 1e3 * statistics.median(done[n]), 'applies': applies[n]}
+               'done_ms': 1e3 * statistics.median(done[n]), 'applies': applies[n].count}
            for n in names}
     log('timing bp phases: ' + ', '.join('%s %.1f ms host / %.1f ms done, %d applies' % (
         n, out[n]['host_ms'], out[n]['done_ms'], out[n]['applies']) for n in names))

@@ -31,29 +31,33 @@ if REPO_ROOT not in sys.path:
 import chainer_vfbn  # noqa: E402,F401  (the shim must precede `import chainer`)
 
 
-
 # ---------------------------------------------------------------------------
 # Devices: a check function run on the CPU and, marked ``gpu``, on GPU 0 (skipped
 # without CuPy and a GPU; ``scripts/device_check.py`` is the GPU machine's check).
 
-def _gpu_or_skip():
+def _gpu_problem():
+    """Why CuPy cannot run on GPU 0 (a sentence), or None when it can."""
     try:
         import cupy
         if cupy.cuda.runtime.getDeviceCount() < 1:
-            raise RuntimeError('no CUDA device')
+            return 'no CUDA device'
     except Exception as e:
-        pytest.skip('needs CuPy and a GPU (%s: %s)' % (type(e).__name__, e))
-    import chainer
-    return chainer.get_device('@cupy:0')
+        return '%s: %s' % (type(e).__name__, e)
+    return None
+
+
+@pytest.fixture(scope='session')
+def gpu_problem():
+    return _gpu_problem()
 
 
 @pytest.fixture(params=['@numpy', pytest.param('@cupy:0', marks=pytest.mark.gpu)])
-def device(request):
+def device(request, gpu_problem):
     """``chainer.get_device('@numpy')``, then GPU 0 (marked ``gpu``)."""
-    if request.param == '@numpy':
-        import chainer
-        return chainer.get_device('@numpy')
-    device = _gpu_or_skip()
+    import chainer
+    if request.param != '@numpy' and gpu_problem:
+        pytest.skip('needs CuPy and a GPU (%s)' % gpu_problem)
+    device = chainer.get_device(request.param)
     device.use()
     return device
 
