@@ -23,7 +23,7 @@ import chainer.functions as F
 import chainer.links as L
 from chainer import initializers
 
-from chainer_vfbn import config
+from chainer_vfbn import config, model
 
 
 def squared_error(a, b):
@@ -96,6 +96,8 @@ class JaderbergLinear(_JaderbergBase):
 
 
 class _ConvBNReLU(chainer.Chain):
+    """conv 3x3 (no bias, He normal) + BN + ReLU: the stem of Jaderberg's small-ResNet."""
+
     def __init__(self, in_ch, out_ch):
         super().__init__()
         with self.init_scope():
@@ -107,31 +109,18 @@ class _ConvBNReLU(chainer.Chain):
         return F.relu(self.bn(self.conv(x)))
 
 
-class _SkipPair(chainer.Chain):
-    """Two conv-BN-ReLU layers with a skip connection around them (appendix B.1:
-    "the skip connection occurs every 2 layers")."""
-
-    def __init__(self, ch):
-        super().__init__()
-        with self.init_scope():
-            self.a = _ConvBNReLU(ch, ch)
-            self.b = _ConvBNReLU(ch, ch)
-
-    def forward(self, x):
-        return self.b(self.a(x)) + x
-
-
 class JaderbergResNet(_JaderbergBase):
     """Table 1 "Jaderberg's small-ResNet" (appendix B.1): conv 3x3 74 -> 64 + BN +
-    ReLU, two skip pairs of conv 3x3 64 -> 64 + BN + ReLU, then a last conv 3x3
-    64 -> 64 with no BN and no ReLU, initialised to zero."""
+    ReLU, two residual units of 64 channels ("the skip connection occurs every 2
+    layers"; the network's own :class:`~chainer_vfbn.model.ResidualUnit`), then a
+    last conv 3x3 64 -> 64 with no BN and no ReLU, initialised to zero."""
 
     def __init__(self, h_channels=64, n_classes=config.N_CLASSES, width=64, scaled=True):
         super().__init__(scaled)
         with self.init_scope():
             self.stem = _ConvBNReLU(h_channels + n_classes, width)
-            self.res1 = _SkipPair(width)
-            self.res2 = _SkipPair(width)
+            self.res1 = model.ResidualUnit(width, width)
+            self.res2 = model.ResidualUnit(width, width)
             self.out = L.Convolution2D(width, h_channels, 3, 1, 1,
                                        initialW=initializers.Zero())
 
@@ -140,15 +129,19 @@ class JaderbergResNet(_JaderbergBase):
 
 
 class VirtualForward(chainer.Chain):
-    """``v_f`` of the paper's VFBN (appendix B.1): two skip pairs of conv 3x3
-    (conv-BN-ReLU, 4 convs in all), global average pooling, linear -> logits.
-    The same architecture is the head of the "bottom half" and "layer-wise" rows."""
+    """``v_f`` of the paper's VFBN (appendix B.1): two residual units of conv 3x3
+    64 -> 64 (4 convs, a skip every 2 layers), global average pooling, linear ->
+    logits. The paper builds v_f "as in the original network" and describes both
+    with the same sentence, so each unit is the network's own
+    :class:`~chainer_vfbn.model.ResidualUnit`, ``relu(bn2(conv2(relu(bn1(conv1 x))))
+    + x)``. The same architecture is the head of the "bottom half" and "layer-wise"
+    rows."""
 
     def __init__(self, channels=64, n_classes=config.N_CLASSES):
         super().__init__()
         with self.init_scope():
-            self.res1 = _SkipPair(channels)
-            self.res2 = _SkipPair(channels)
+            self.res1 = model.ResidualUnit(channels, channels)
+            self.res2 = model.ResidualUnit(channels, channels)
             self.fc = L.Linear(channels, n_classes)
 
     def forward(self, h):

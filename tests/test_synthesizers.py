@@ -134,7 +134,7 @@ def test_eq3_gradient_wrt_vf_params_matches_finite_differences(f64):
     def e():
         return numpy.asarray(float(synth.loss(synth(h, y), delta, 1.0).array)),
 
-    params = [synth.v_f.res1.a.conv.W, synth.v_f.res2.b.bn.gamma, synth.v_f.fc.W]
+    params = [synth.v_f.res1.conv1.W, synth.v_f.res2.bn2.gamma, synth.v_f.fc.W]
     for p in params:
         num, = gradient_check.numerical_grad(e, (p.array,), (numpy.asarray(1.0),), eps=1e-6)
         numpy.testing.assert_allclose(p.grad, num, rtol=1e-4, atol=1e-9, err_msg=p.name)
@@ -193,3 +193,101 @@ def test_vfbn_normalized_loss_divides_by_s_squared():
     norm = S.VFBN(S.VirtualForward(64), normalized_loss=True).loss(chainer.Variable(a), d, 0.5)
     numpy.testing.assert_allclose(float(plain.array), ((a - d) ** 2).sum() / 2, rtol=1e-5)
     numpy.testing.assert_allclose(float(norm.array), float(plain.array) / 0.25, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# One residual unit: v_f, the heads and Jaderberg's small-ResNet use the network's.
+
+BN_EPS = 2e-5  # L.BatchNormalization's default
+
+
+def _np_conv3x3(x, w):
+    """3x3 convolution, stride 1, zero padding 1, written out with NumPy slices."""
+    b, c, hh, ww = x.shape
+    p = numpy.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    out = numpy.zeros((b, w.shape[0], hh, ww))
+    for i in range(3):
+        for j in range(3):
+            out += numpy.einsum('bchw,oc->bohw', p[:, :, i:i + hh, j:j + ww], w[:, :, i, j])
+    return out
+
+
+def _np_bn_train(x, gamma, beta):
+    """Training-mode batch normalization: batch statistics over (B, H, W)."""
+    mean = x.mean(axis=(0, 2, 3), keepdims=True)
+    var = x.var(axis=(0, 2, 3), keepdims=True)
+    return (x - mean) / numpy.sqrt(var + BN_EPS) * gamma[:, None, None] + beta[:, None, None]
+
+
+def _np_unit(x, unit):
+    """SPEC section 2's residual unit, ``relu(bn2(conv2(relu(bn1(conv1 x)))) + x)``,
+    from the unit's weights alone."""
+    r = numpy.maximum(_np_bn_train(_np_conv3x3(x, unit.conv1.W.array),
+                                   unit.bn1.gamma.array, unit.bn1.beta.array), 0)
+    r = _np_bn_train(_np_conv3x3(r, unit.conv2.W.array), unit.bn2.gamma.array,
+                     unit.bn2.beta.array)
+    return numpy.maximum(r + x, 0)
+
+
+def _np_unit_relu_before_add(x, unit):
+    """The other reading, ``relu(bn2(conv2(...))) + x``: what the unit must NOT be."""
+    r = numpy.maximum(_np_bn_train(_np_conv3x3(x, unit.conv1.W.array),
+                                   unit.bn1.gamma.array, unit.bn1.beta.array), 0)
+    return numpy.maximum(_np_bn_train(_np_conv3x3(r, unit.conv2.W.array),
+                                      unit.bn2.gamma.array, unit.bn2.beta.array), 0) + x
+
+
+def _randomise_bn(link, rng):
+    for bn in link.links():
+        if isinstance(bn, chainer.links.BatchNormalization):
+            bn.gamma.array[:] = 1 + 0.3 * rng.randn(bn.gamma.size)
+            bn.beta.array[:] = 0.3 * rng.randn(bn.beta.size)
+
+
+def test_vf_and_the_heads_are_two_of_the_networks_residual_units(f64):
+    """v_f (and so the bottom-half and layer-wise heads) against a NumPy forward pass
+    of two SPEC section 2 units, global average pooling and fc; its units are the
+    network's own unit class, which computes the same NumPy unit."""
+    from chainer_vfbn import model
+    rng = numpy.random.RandomState(6)
+    v_f = S.VirtualForward(6)
+    _randomise_bn(v_f, rng)
+    v_f.fc.b.array[:] = rng.randn(10)
+    h = rng.randn(4, 6, 5, 5)
+    with chainer.using_config('train', True):
+        got = v_f(h).array
+    u = _np_unit(_np_unit(h, v_f.res1), v_f.res2)
+    expected = u.mean(axis=(2, 3)) @ v_f.fc.W.array.T + v_f.fc.b.array
+    numpy.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+    # The other reading of "conv-BN-ReLU with a skip" gives other logits: the
+    # comparison above can tell the two apart.
+    u_other = _np_unit_relu_before_add(_np_unit_relu_before_add(h, v_f.res1), v_f.res2)
+    other = u_other.mean(axis=(2, 3)) @ v_f.fc.W.array.T + v_f.fc.b.array
+    assert numpy.abs(other - expected).max() > 1e-2
+    # The network's unit with v_f's weights is the same function.
+    unit = model.ResidualUnit(6, 6)
+    unit.copyparams(v_f.res1)
+    with chainer.using_config('train', True):
+        numpy.testing.assert_allclose(unit(h).array, _np_unit(h, v_f.res1),
+                                      rtol=1e-10, atol=1e-12)
+
+
+def test_jaderberg_resnet_skip_pairs_are_the_networks_residual_units(f64):
+    """g([h, y]) = out(unit(unit(relu(bn(conv(hy)))))) against NumPy, with the last
+    conv given non-zero weights so that the whole path is checked."""
+    rng = numpy.random.RandomState(7)
+    synth = S.JaderbergResNet(h_channels=3, n_classes=10, width=5)
+    _randomise_bn(synth, rng)
+    synth.out.W.array[:] = 0.1 * rng.randn(*synth.out.W.shape)
+    synth.out.b.array[:] = 0.1 * rng.randn(*synth.out.b.shape)
+    h = rng.randn(4, 3, 4, 4)
+    y = numpy.array([0, 3, 9, 3], numpy.int32)
+    with chainer.using_config('train', True):
+        got = synth(h, y).array
+    hy = numpy.concatenate([h, numpy.broadcast_to(numpy.eye(10)[y][:, :, None, None],
+                                                  (4, 10, 4, 4))], axis=1)
+    stem = numpy.maximum(_np_bn_train(_np_conv3x3(hy, synth.stem.conv.W.array),
+                                      synth.stem.bn.gamma.array, synth.stem.bn.beta.array), 0)
+    r = _np_unit(_np_unit(stem, synth.res1), synth.res2)
+    expected = _np_conv3x3(r, synth.out.W.array) + synth.out.b.array[:, None, None]
+    numpy.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
