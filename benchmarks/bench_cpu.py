@@ -164,7 +164,9 @@ def main():
     p.add_argument('--repeats', type=int, nargs='+', default=[5, 2],
                    help='timed steps per method, for each depth')
     args = p.parse_args()
-    res = {'command': ' '.join(['python'] + sys.argv), 'date': time.strftime('%Y-%m-%d'),
+    threads = ['%s=%s' % (k, os.environ[k]) for k in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS')
+               if k in os.environ]  # the thread pools' sizes change the step times
+    res = {'command': ' '.join(threads + ['python'] + sys.argv), 'date': time.strftime('%Y-%m-%d'),
            'machine': cpu_name(), 'cpus': os.cpu_count(),
            'load_average_before': os.getloadavg()[0],
            'python': platform.python_version(), 'numpy': numpy.__version__,

@@ -58,7 +58,7 @@ FIDELITY_KEYS = (  # log key, axis label, reference line, panel title
 
 #: args.json keys that say where or on what a run ran, not what it computed.
 PER_RUN_KEYS = ('seed', 'out', 'resume', 'progress', 'synth', 'versions', 'machine',
-                'device', 'gpu', 'data_dir')
+                'device', 'gpu', 'data_dir', 'threads')
 
 
 class RunError(Exception):
@@ -211,7 +211,7 @@ def describe(runs):
     nets = values(lambda r: network_name(r.args['depth']))
     views = values(lambda r: '36-view averaged' if r.args.get('eval_views', config.EVAL_VIEWS)
                    == config.N_VIEWS else 'centre-view')
-    tests = values(lambda r: r.args.get('test_images') or 'all')
+    tests = values(lambda r: r.args.get('eval_images') or r.args.get('test_images') or 'all')
     train = values(lambda r: '{:,}'.format(r.train_images))
     return ('%s, %s, %s training images x 36 views' % (datasets, nets, train),
             '%s test error on %s test images' % (views, tests))

@@ -24,7 +24,7 @@ import chainer
 import numpy
 
 from chainer_vfbn import config, data, methods
-from chainer_vfbn.evaluation import test_errors
+from chainer_vfbn.evaluation import final_test_errors, test_errors
 from chainer_vfbn.training import EXIT_BAD_INPUT, UsageError, resolve_device, write_json
 
 DEFAULT_WEIGHTS = 'model.npz'
@@ -70,6 +70,10 @@ def build_parser():
     p.add_argument('--views', type=int, choices=(config.N_VIEWS, 1), default=None,
                    help='36: the paper\'s averaged test error; 1: centre view only '
                         '(default: the run\'s --eval-views)')
+    p.add_argument('--tta-images', type=int, default=None, metavar='N',
+                   help='with 36 views, the 36-view error over the first N test images '
+                        'and the centre-view error over all (default: the run\'s '
+                        '--tta-images)')
     p.add_argument('--json', metavar='OUT', default=None,
                    help='also write the result as JSON to OUT (atomically), or to '
                         'stdout alone with "-"')
@@ -208,18 +212,24 @@ def evaluate(args):
     if data_dir is None and dataset == run_args.get('dataset', 'cifar10'):
         data_dir = run_args.get('data_dir')
     n_images = args.test_images or run_args.get('test_images') or 'all'
-    views = args.views or run_args.get('eval_views', config.EVAL_VIEWS)
+    tta = args.tta_images if args.tta_images is not None else run_args.get('tta_images')
+    views = args.views or (config.N_VIEWS if tta else
+                           run_args.get('eval_views', config.EVAL_VIEWS))
     _, (test_x, test_y) = data.load(dataset, data_dir)
     if n_images != 'all':
         test_x, test_y = test_x[:n_images], test_y[:n_images]
 
-    errors = test_errors(predictor, test_x, test_y, device, views)
+    if views == config.N_VIEWS and tta and tta < len(test_x):
+        errors = final_test_errors(predictor, test_x, test_y, device, tta)
+    else:
+        errors = test_errors(predictor, test_x, test_y, device, views)
     return {
         'run': run_dir, 'weights': weights, 'weights_kind': kind, 'iteration': iteration,
         'method': method, 'alpha_gs': run_args.get('alpha_gs'),
         'depth': run_args.get('depth'), 'split': run_args.get('split'),
         'dataset': dataset, 'test_images': len(test_x), 'eval_views': errors['views'],
         'test_error': errors['error'], 'test_error_single': errors['error_single'],
+        'tta_images': errors.get('tta_images', len(test_x) if errors['views'] > 1 else 0),
     }
 
 

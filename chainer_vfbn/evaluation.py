@@ -45,6 +45,29 @@ def test_errors(model, images, labels, device, n_views=config.EVAL_VIEWS,
     }
 
 
+def final_test_errors(model, images, labels, device, tta_images, images_per_batch=16):
+    """The 36-view error over the first ``tta_images`` images and the centre-view
+    error over all of them (both errors as fractions). The centre view of the first
+    ``tta_images`` comes from the same 36-view pass. ``tta_images=0``: centre view
+    only, and ``error`` is the centre-view error."""
+    labels = numpy.asarray(labels)
+    if tta_images == 0:
+        return dict(test_errors(model, images, labels, device, 1, images_per_batch),
+                    tta_images=0)
+    views = predict_views(model, images[:tta_images], device, None, images_per_batch)
+    centre = [views[:, CENTER_VIEW]]
+    if tta_images < len(images):
+        centre.append(predict_views(model, images[tta_images:], device, (CENTER_VIEW,),
+                                    images_per_batch)[:, 0])
+    centre = numpy.concatenate(centre)
+    return {
+        'error': float((views.mean(axis=1).argmax(axis=1) != labels[:tta_images]).mean()),
+        'error_single': float((centre.argmax(axis=1) != labels).mean()),
+        'views': config.N_VIEWS,
+        'tta_images': tta_images,
+    }
+
+
 class TestErrorEvaluator(chainer.training.Extension):
     """Reports ``validation/main/error`` (36-view or single-view, see
     ``validation/main/views``) and ``validation/main/error_single``."""

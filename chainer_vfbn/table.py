@@ -20,6 +20,7 @@ or diverged runs are skipped, and a run with a trainer snapshot but no result.js
 resumed from its latest snapshot.
 """
 import argparse
+import concurrent.futures
 import math
 import os
 import re
@@ -27,6 +28,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 from chainer_vfbn import curves, methods, training
@@ -49,7 +51,9 @@ TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
                         'train.py')
 #: train.py arguments that ``run`` sets itself for every run.
 RUNNER_OPTIONS = ('--out', '-o', '--seed', '--method', '--synth', '--alpha-gs',
-                  '--resume', '-r')
+                  '--resume', '-r', '--threads')
+#: Environment variables that size the thread pools of BLAS and OpenMP.
+THREAD_VARIABLES = ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS')
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -84,8 +88,8 @@ def train_command(args, row):
     argv = ['python', 'train.py'] + methods.row_argv(row)
     for action in training.build_parser()._actions:
         dest = action.dest
-        if dest in ('help', 'method', 'synth', 'alpha_gs', 'seed', 'out', 'resume', 'progress') \
-                or dest not in args:
+        if dest in ('help', 'method', 'synth', 'alpha_gs', 'seed', 'out', 'resume', 'progress',
+                    'threads') or dest not in args:
             continue
         value = args[dest]
         if value == action.default:
@@ -93,6 +97,8 @@ def train_command(args, row):
         option = max(action.option_strings, key=len)
         if isinstance(action, argparse._StoreConstAction):  # store_true / store_false
             argv.append(option)
+        elif isinstance(value, list):  # nargs='+'
+            argv += [option] + [format_number(v) for v in value]
         else:
             argv += [option, format_number(value)]
     return ' '.join(shlex.quote(a) for a in argv) + ' --seed S'
@@ -112,8 +118,24 @@ def machine(args):
     m = args.get('machine', {})
     if m.get('gpu'):
         return 'GPU %s (%s)' % (m['gpu'], m.get('device'))
-    return 'CPU %s, %s cores (%s)' % (m.get('cpu') or m.get('processor', '?'),
-                                      m.get('cpus', '?'), m.get('device', '@numpy'))
+    threads = args.get('threads')
+    return 'CPU %s, %s cores (%s)%s' % (
+        m.get('cpu') or m.get('processor', '?'), m.get('cpus', '?'),
+        m.get('device', '@numpy'),
+        ', %d BLAS thread%s per run' % (threads, 's' if threads > 1 else '') if threads else '')
+
+
+def test_error_fact(args):
+    """Which views and test images the final errors of result.json use."""
+    def count(n):
+        return '{:,}'.format(n) if n else 'all'
+    n = args.get('test_images')
+    if args.get('tta_images'):
+        return ('36-view averaged on the first %s test images; centre view on %s'
+                % (count(args['tta_images']), count(n)))
+    if args.get('eval_views', 36) == 36:
+        return '36-view averaged, on %s test images' % count(n)
+    return 'centre view only, on %s test images' % count(n)
 
 
 def versions(args):
@@ -129,22 +151,22 @@ FACTS = (
         'after unit %d of ResBlock-2' % -(-r.args['depth'] // 2)
         if r.args.get('split') is None else 'before unit index %s' % r.args['split'])),
     ('budget', lambda r: budget(r.args, r.train_images)),
-    ('test error', lambda r: '%s, on %s test images'
-     % ('36-view averaged' if r.args.get('eval_views', 36) == 36 else 'centre view only',
-        '{:,}'.format(r.args['test_images']) if r.args.get('test_images') else 'all')),
+    ('test error', lambda r: test_error_fact(r.args)),
     ('machine', lambda r: machine(r.args)),
     ('versions', lambda r: versions(r.args)),
 )
 
 
-def error_text(runs):
-    """Our test error (%) of one row: 'mean ± std (n seeds)' over the finished runs
-    (sample standard deviation), 'diverged at iteration N' for diverged runs, never
-    NaN; 'not run' without runs."""
+def error_text(runs, key='test_error'):
+    """Our test error (%) of one row (result.json's ``key``): 'mean ± std (n seeds)'
+    over the finished runs (sample standard deviation), 'diverged at iteration N' for
+    diverged runs, never NaN; 'not run' without runs."""
     if not runs:
         return 'not run'
     finished = [r for r in runs if r.status == 'finished']
-    errors = [100.0 * r.result.get('test_error', float('nan')) for r in finished]
+    if finished and not any(key in r.result for r in finished):
+        return '-'  # an older result.json, without this error
+    errors = [100.0 * r.result.get(key, float('nan')) for r in finished]
     diverged = [r for r in runs if r.status == 'diverged']
     unfinished = [r for r in runs if r.status == 'unfinished']
     parts = []
@@ -181,6 +203,76 @@ def experiments(runs):
     return [groups[c] for c in sorted(groups)] or [[]]
 
 
+#: The comparisons that decide the paper's claim, (row, against), as folder names.
+PAIRED = (('vfbn-1e-3', 'bp'), ('vfbn-1e-3', 'jaderberg-linear'))
+
+#: Student's t, 97.5% quantile, by degrees of freedom (two-sided 95% intervals);
+#: from the standard table (e.g. NIST/SEMATECH e-Handbook, table 1.3.6.7.2).
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365,
+         8: 2.306, 9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145,
+         15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086}
+
+
+def paired_interval(differences):
+    """``(mean, half_width)`` of the 95% Student's t interval of the mean of paired
+    differences; half_width is None for fewer than two pairs."""
+    n = len(differences)
+    mean = statistics.mean(differences)
+    if n < 2:
+        return mean, None
+    t = T_975.get(n - 1, 1.96 if n > 21 else None)
+    if t is None:
+        raise ValueError('no t quantile for %d degrees of freedom' % (n - 1))
+    return mean, t * statistics.stdev(differences) / math.sqrt(n)
+
+
+def _pairing_key(run):
+    """What must match for two runs of different rows to be a pair: the seed and
+    every setting but the method's own."""
+    own = set(curves.PER_RUN_KEYS) - {'seed'} | {'method', 'alpha_gs'}
+    return tuple(sorted((k, repr(v)) for k, v in run.args.items() if k not in own))
+
+
+def paired_lines(present):
+    """Markdown: for each comparison of :data:`PAIRED`, the mean over seeds of
+    (row's error - other row's error) in percentage points with its 95% t interval,
+    for both final errors; finished runs of one seed and one setting are paired."""
+    def text(diffs):
+        mean, half = paired_interval(diffs)
+        if half is None:
+            return '%+.2f (one pair: no interval)' % mean
+        return '%+.2f [%+.2f, %+.2f]' % (mean, mean - half, mean + half)
+
+    finished = [r for r in present if r.status == 'finished']
+    by_slug = {}
+    for r in finished:
+        by_slug.setdefault(slug(r.row), {})[_pairing_key(r)] = r
+    rows = []
+    for a, b in PAIRED:
+        keys = sorted(set(by_slug.get(a, {})) & set(by_slug.get(b, {})))
+        if not keys:
+            continue
+        pairs = [(by_slug[a][k], by_slug[b][k]) for k in keys]
+        cells = ['%s − %s' % (row_by_slug(a).label, row_by_slug(b).label),
+                 '%d (%s)' % (len(pairs), ', '.join(str(x.args['seed']) for x, _ in pairs))]
+        for key in ('test_error_single', 'test_error'):
+            diffs = [100.0 * (x.result[key] - y.result[key]) for x, y in pairs
+                     if key in x.result and key in y.result]
+            cells.append(text(diffs) if diffs else '-')
+        rows.append('| ' + ' | '.join(cells) + ' |')
+    if not rows:
+        return []
+    return ['', '## Paired differences', '',
+            'Runs of two rows with the same seed share the initial weights of the network '
+            'and the order of the batches, so the difference of their errors is far less '
+            'noisy than either error. Mean over seeds of (first row − second row), in '
+            'percentage points, with its 95% Student\'s t interval (n − 1 degrees of '
+            'freedom); a negative value means the first row has the lower error. An '
+            'interval that contains 0 does not tell the two rows apart.', '',
+            '| comparison | pairs (seeds) | centre-view error, pp | final error (as in '
+            '"ours %"), pp |', '|---|---|---|---|'] + rows
+
+
 def seeds_text(runs):
     return ', '.join(str(s) for s in sorted({r.args.get('seed') for r in runs})) or '-'
 
@@ -212,19 +304,20 @@ def results_table(run_dirs):
             '**%s** %s' % (name, get(present[0])) for name, get in shared) + '.', '']
     lines.append('In each command, S is one of the row\'s seeds; `--out` is left out.')
     lines.append('')
-    header = ['Table 1 row', 'paper (CIFAR-10) %', 'ours %', 'seeds'] + \
-        [name for name, _ in varying] + ['command']
+    header = ['Table 1 row', 'paper (CIFAR-10) %', 'ours %', 'ours, centre view %',
+              'seeds'] + [name for name, _ in varying] + ['command']
     lines.append('| ' + ' | '.join(header) + ' |')
     lines.append('|' + '|'.join('---' for _ in header) + '|')
     for row in methods.TABLE1:
         for group in experiments([r for r in present if r.row == row]):
             cells = [row.label, '%.2f' % row.paper_error, error_text(group),
-                     seeds_text(group)]
+                     error_text(group, 'test_error_single'), seeds_text(group)]
             for _, get in varying:
                 cells.append('<br>'.join(sorted({get(r) for r in group})) or '-')
             commands = sorted({train_command(r.args, row) for r in group})
             cells.append('<br>'.join('`%s`' % c for c in commands) or '-')
             lines.append('| ' + ' | '.join(c.replace('|', '\\|') for c in cells) + ' |')
+    lines += paired_lines(present)
     if others:
         lines += ['', 'Runs of methods outside Table 1 (not in the table): ' + ', '.join(
             '%s (%s)' % (r.path, r.label) for r in others) + '.']
@@ -256,13 +349,18 @@ def write_report(root, run_dirs=None):
 # ---------------------------------------------------------------------------
 # Running the rows.
 
-def plan(seeds, slugs=None):
-    """``[(seed, row)]`` in running order: for each seed the rows that decide the
-    paper's claim (:data:`CLAIM_SLUGS`), then the others in Table 1 order."""
+def plan(seeds, slugs=None, claim_seeds=None):
+    """``[(seed, row)]`` in running order: the rows that decide the paper's claim
+    (:data:`CLAIM_SLUGS`) for each of ``claim_seeds`` (default: ``seeds``), then the
+    other rows, in Table 1 order, for each of ``seeds``."""
     chosen = [row for row in methods.TABLE1 if slugs is None or slug(row) in slugs]
     first = [row for s in CLAIM_SLUGS for row in chosen if slug(row) == s]
     rest = [row for row in chosen if row not in first]
-    return [(seed, row) for seed in seeds for row in first + rest]
+    claim_seeds = seeds if claim_seeds is None else claim_seeds
+    if claim_seeds == seeds:  # each seed's claim rows, then its other rows
+        return [(seed, row) for seed in seeds for row in first + rest]
+    return [(seed, row) for seed in claim_seeds for row in first] + \
+        [(seed, row) for seed in seeds for row in rest]
 
 
 def run_argv(row, seed, common, out):
@@ -302,23 +400,28 @@ def _duration(seconds):
 
 
 class Runner(object):
-    """Trains planned runs one after another as ``train.py`` subprocesses, printing
-    one progress line per step and keeping each run's output in its folder
-    (``train_output.txt``)."""
+    """Trains planned runs as ``train.py`` subprocesses, ``jobs`` at a time, each
+    with ``threads`` BLAS/OpenMP threads; prints one progress line per step and keeps
+    each run's output in its folder (``train_output.txt``). With one job, train.py's
+    own output is echoed as well."""
 
-    def __init__(self, root, common, python=sys.executable, train_py=TRAIN_PY):
-        self.root, self.common = root, common
+    def __init__(self, root, common, jobs=1, threads=None, python=sys.executable,
+                 train_py=TRAIN_PY):
+        self.root, self.common, self.jobs = root, common, jobs
+        self.threads = threads or max(1, training.default_threads() // jobs)
         self.python, self.train_py = python, train_py
         self.start = time.time()
         self.failed = []
+        self._lock = threading.Lock()
 
     def say(self, text):
-        print('[table %s] %s' % (_duration(time.time() - self.start), text), flush=True)
+        with self._lock:
+            print('[table %s] %s' % (_duration(time.time() - self.start), text), flush=True)
 
     def run_one(self, step, total, seed, row):
         """Train (or skip, or resume) one run; returns its final status."""
         out = os.path.join(self.root, slug(row), 'seed%d' % seed)
-        argv = run_argv(row, seed, self.common, out)
+        argv = run_argv(row, seed, self.common, out) + ['--threads', str(self.threads)]
         name = '%d/%d seed %d %s (%s)' % (step, total, seed, slug(row), row.label)
         args_file = os.path.join(out, 'args.json')
         if os.path.exists(args_file):
@@ -349,47 +452,70 @@ class Runner(object):
                                            outcome(run)))
             return status
         if code == training.EXIT_INTERRUPTED or code < 0:
-            raise KeyboardInterrupt
+            self.say('%s: interrupted' % name)
+            return 'interrupted'
         self.say('%s: FAILED (train.py exit status %d; see %s)'
                  % (name, code, os.path.join(out, 'train_output.txt')))
         self.failed.append(name)
         return 'failed'
 
     def _train(self, argv, out):
-        """Run train.py, echoing its output and appending it to train_output.txt."""
+        """Run train.py, appending its output to train_output.txt (and echoing it
+        with one job). A Ctrl-C reaches train.py too (same process group): it saves
+        a snapshot and exits, and its exit status says so."""
         os.makedirs(out, exist_ok=True)
         cmd = [self.python, self.train_py] + argv
         env = dict(os.environ, PYTHONUNBUFFERED='1')
+        for name in THREAD_VARIABLES:
+            env[name] = str(self.threads)
+        echo = self.jobs == 1
         with open(os.path.join(out, 'train_output.txt'), 'a') as log:
             log.write('$ %s\n' % ' '.join(shlex.quote(a) for a in cmd))
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, env=env)
-            try:
-                for line in proc.stdout:
-                    sys.stdout.write(line)
-                    log.write(line)
-                return proc.wait()
-            except KeyboardInterrupt:
-                # train.py got the same Ctrl-C: let it save its snapshot and stop.
-                for line in proc.stdout:
-                    sys.stdout.write(line)
-                    log.write(line)
-                proc.wait()
-                raise
+            while True:
+                try:
+                    for line in proc.stdout:
+                        if echo:
+                            sys.stdout.write(line)
+                        log.write(line)
+                        log.flush()
+                    return proc.wait()
+                except KeyboardInterrupt:  # keep reading until train.py has stopped
+                    continue
 
 
-def run_table(root, seeds, slugs, common):
-    """The ``run`` command: train the plan, then write the report. Returns the exit
-    status: 0, or 1 when a run failed for a reason other than divergence."""
-    steps = plan(seeds, slugs)
-    runner = Runner(root, common)
-    runner.say('%d runs (%s) into %s; train.py arguments shared by all: %s'
+def run_table(root, seeds, slugs, common, jobs=1, claim_seeds=None):
+    """The ``run`` command: train the plan, ``jobs`` runs at a time, then write the
+    report. Returns the exit status: 0, 1 when a run failed for a reason other than
+    divergence, 130 when interrupted."""
+    steps = plan(seeds, slugs, claim_seeds)
+    runner = Runner(root, common, jobs)
+    runner.say('%d runs (%s) into %s, %d at a time with %d BLAS thread(s) each; '
+               'train.py arguments shared by all: %s'
                % (len(steps), ', '.join('seed %d %s' % (s, slug(r)) for s, r in steps),
-                  root, ' '.join(common) or '(none)'))
-    try:
-        for i, (seed, row) in enumerate(steps):
-            runner.run_one(i + 1, len(steps), seed, row)
-    except KeyboardInterrupt:
+                  root, jobs, runner.threads, ' '.join(common) or '(none)'))
+    stop = threading.Event()
+
+    def work(i, seed, row):
+        if stop.is_set():
+            return 'interrupted'
+        status = runner.run_one(i + 1, len(steps), seed, row)
+        if status == 'interrupted':
+            stop.set()
+        return status
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(work, i, seed, row) for i, (seed, row) in enumerate(steps)]
+        while True:
+            try:
+                concurrent.futures.wait(futures)
+                break
+            except KeyboardInterrupt:  # the running train.py's stop with a snapshot
+                stop.set()
+                runner.say('interrupted: waiting for the running trainings to save '
+                           'their snapshots')
+    if stop.is_set():
         runner.say('interrupted: run the same command again to resume')
         return EXIT_INTERRUPTED
     for path in write_report(root):
@@ -398,6 +524,16 @@ def run_table(root, seeds, slugs, common):
         runner.say('%d run(s) failed: %s' % (len(runner.failed), '; '.join(runner.failed)))
         return EXIT_FAILED
     return 0
+
+
+def positive_int(text):
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError('expected an integer >= 1, got %r' % text)
+    return n
 
 
 def build_parser():
@@ -419,9 +555,15 @@ def build_parser():
                    help="residual units per block (default: train.py's, 18)")
     r.add_argument('--seeds', type=int, nargs='+', default=[0], metavar='SEED',
                    help='train.py --seed of each run (default: 0)')
+    r.add_argument('--claim-seeds', type=int, nargs='+', default=None, metavar='SEED',
+                   help='seeds of the rows that decide the claim (%s), run first '
+                        '(default: --seeds)' % ', '.join(CLAIM_SLUGS))
     slugs = [slug(row) for row in methods.TABLE1]
     r.add_argument('--rows', nargs='+', choices=slugs, default=None, metavar='ROW',
                    help='run only these rows (default: all seven): %s' % ', '.join(slugs))
+    r.add_argument('--jobs', type=positive_int, default=1, metavar='N',
+                   help='train up to N runs at once, each a separate process with '
+                        'CPUs / N BLAS threads (default: 1)')
     rep = sub.add_parser('report', help='write ROOT/table.md and ROOT/figure3_*')
     rep.add_argument('root', metavar='ROOT')
     return p
@@ -459,7 +601,7 @@ def main(argv=None):
         training.parse_args(run_argv(methods.TABLE1[0], 0, common, args.out))
     except training.UsageError as e:
         parser.error('train.py arguments: %s' % e)
-    return run_table(args.out, args.seeds, args.rows, common)
+    return run_table(args.out, args.seeds, args.rows, common, args.jobs, args.claim_seeds)
 
 
 if __name__ == '__main__':

@@ -20,7 +20,7 @@ import numpy
 from chainer.training import extensions
 
 from chainer_vfbn import config, data, methods, updaters
-from chainer_vfbn.evaluation import TestErrorEvaluator
+from chainer_vfbn.evaluation import TestErrorEvaluator, final_test_errors
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
@@ -65,7 +65,15 @@ def build_parser():
     g.add_argument('--train-images', type=int, default=None,
                    help='use only the first N training images (x36 views)')
     g.add_argument('--test-images', type=int, default=None,
-                   help='evaluate on the first N test images only')
+                   help='use only the first N test images (the final centre-view error '
+                        'is over all of them)')
+    g.add_argument('--eval-images', type=int, default=None,
+                   help='evaluations during training use the first N test images '
+                        '(default: all of them)')
+    g.add_argument('--tta-images', type=int, default=None,
+                   help='the final 36-view error is over the first N test images and '
+                        'the centre-view error over all (default: both over all; '
+                        'with --eval-views 1, centre view only)')
 
     g = p.add_argument_group('optimisation')
     g.add_argument('--batchsize', '-b', type=int, default=config.BATCHSIZE)
@@ -78,7 +86,13 @@ def build_parser():
     g.add_argument('--weight-decay', type=float, default=config.WEIGHT_DECAY)
     g.add_argument('--lr-drop-every', type=float, default=config.LR_DROP_EVERY,
                    help='multiply the lr by 0.1 every this many epochs')
+    g.add_argument('--lr-drops', type=int, nargs='+', default=None, metavar='ITER',
+                   help='multiply the lr by 0.1 after these iterations instead of '
+                        '--lr-drop-every (for runs sized in iterations)')
     g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--threads', type=int, default=default_threads(),
+                   help='BLAS/OpenMP threads (results are bit-for-bit repeatable for '
+                        'one thread count; default: the CPUs this process may use)')
 
     g = p.add_argument_group('run')
     g.add_argument('--device', '-d', default=None,
@@ -108,12 +122,21 @@ def parse_args(argv=None):
     for name in ('depth', 'batchsize'):
         if getattr(args, name) < 1:
             raise UsageError('--%s must be >= 1' % name)
-    for name in ('train_images', 'test_images', 'iterations', 'eval_every', 'snapshot_every'):
+    for name in ('train_images', 'test_images', 'eval_images', 'tta_images', 'iterations',
+                 'eval_every', 'snapshot_every', 'threads'):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UsageError('--%s must be >= 1' % name.replace('_', '-'))
     if args.alpha_gs < 0:
         raise UsageError('--alpha-gs must be >= 0')
+    if args.lr_drops is not None and (min(args.lr_drops) < 1 or
+                                      sorted(set(args.lr_drops)) != args.lr_drops):
+        raise UsageError('--lr-drops must be increasing iterations >= 1')
+    for name in ('eval_images', 'tta_images'):
+        n = getattr(args, name)
+        if n is not None and args.test_images is not None and n > args.test_images:
+            raise UsageError('--%s %d is more than --test-images %d'
+                             % (name.replace('_', '-'), n, args.test_images))
     if args.resume and not os.path.isfile(args.resume):
         raise UsageError('--resume %s: no such snapshot file' % args.resume)
     return args
@@ -138,6 +161,20 @@ def resolve_device(args):
                          '(README, GPU) or run on the CPU: leave out --gpu/--device'
                          % (spec, first))
     return device
+
+
+def default_threads():
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def set_threads(n):
+    """Limit NumPy's BLAS and any OpenMP pool to ``n`` threads for this process."""
+    import threadpoolctl
+    threadpoolctl.threadpool_limits(limits=n)
 
 
 class SeededShuffle(object):
@@ -269,6 +306,7 @@ def header(args, device, train, test_images):
 def train(args):
     """Train one method; return the result dictionary (also in result.json)."""
     device = resolve_device(args)
+    set_threads(args.threads)
     seed_everything(args.seed, device)
     train_set, (test_x, test_y) = load_data(args)
     header(args, device, train_set, test_x)
@@ -292,10 +330,15 @@ def train(args):
     snap_trigger = (args.snapshot_every, 'iteration') if args.snapshot_every else (1, 'epoch')
 
     for opt in setup.scheduled:
+        if args.lr_drops:
+            drop = chainer.training.triggers.ManualScheduleTrigger(args.lr_drops, 'iteration')
+        else:
+            drop = chainer.training.triggers.IntervalTrigger(args.lr_drop_every, 'epoch')
         trainer.extend(extensions.ExponentialShift('lr', config.LR_DROP_FACTOR, optimizer=opt),
-                       trigger=chainer.training.triggers.IntervalTrigger(
-                           args.lr_drop_every, 'epoch'))
-    evaluator = TestErrorEvaluator(setup.predictor, test_x, test_y, device, args.eval_views)
+                       trigger=drop)
+    n_eval = args.eval_images or len(test_x)
+    evaluator = TestErrorEvaluator(setup.predictor, test_x[:n_eval], test_y[:n_eval], device,
+                                   args.eval_views)
     trainer.extend(evaluator, trigger=eval_trigger)
     snapshot = extensions.snapshot(filename='snapshot_iter_{.updater.iteration}', n_retains=2)
     trainer.extend(snapshot, trigger=snap_trigger)
@@ -342,13 +385,18 @@ def train(args):
                       iteration=setup.updater.iteration + 1)
         write_json(os.path.join(args.out, 'result.json'), result)
         raise
-    final = evaluator.final(trainer)
+    if args.tta_images is None and n_eval == len(test_x):
+        final = evaluator.final(trainer)
+    else:
+        tta = args.tta_images or (len(test_x) if args.eval_views == config.N_VIEWS else 0)
+        final = final_test_errors(setup.predictor, test_x, test_y, device, tta)
     snapshot(trainer)
     chainer.serializers.save_npz(os.path.join(args.out, 'model.npz'), setup.predictor)
     result.update(status='finished', iteration=setup.updater.iteration,
                   epoch=setup.updater.epoch_detail, seconds=time.time() - start,
                   test_error=final['error'], test_error_single=final['error_single'],
-                  eval_views=final['views'], test_images=len(test_x))
+                  eval_views=final['views'], test_images=len(test_x),
+                  tta_images=final.get('tta_images', len(test_x) if final['views'] > 1 else 0))
     write_json(os.path.join(args.out, 'result.json'), result)
     print('final test error %.2f%% (%d-view), %.2f%% (single view), %d iterations'
           % (100 * final['error'], final['views'], 100 * final['error_single'],
