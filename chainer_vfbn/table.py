@@ -298,7 +298,9 @@ def results_table(run_dirs):
              'Test error (%) of each Table 1 row of Miyato et al. (2017): the paper\'s '
              '(CIFAR-10, ResNet-110 split in two 55-layer halves, 12 epochs of the 36x '
              'augmented set) and ours, the final test error of each run '
-             '(`result.json`), as mean ± sample standard deviation over seeds.', '']
+             '(`result.json`: "ours %" is `test_error`, the paper\'s 36-view averaged '
+             'error, and "ours, centre view %" is `test_error_single`, the centre view '
+             'alone), as mean ± sample standard deviation over seeds.', '']
     if present:
         lines += ['Every row below: ' + '; '.join(
             '**%s** %s' % (name, get(present[0])) for name, get in shared) + '.', '']

@@ -182,7 +182,7 @@ def corrupt_archive(tmp_path, cifar_archive):
 
 
 @pytest.mark.parametrize('case', ['method-synth', 'missing-data', 'corrupt-archive', 'gpu',
-                                  'resume-missing'])
+                                  'resume-missing', 'lr-drops', 'tta-images'])
 def test_bad_input(tmp_path, cifar_archive, case):
     out = tmp_path / 'out'
     data_dir, argv, says = cifar_archive, [], None
@@ -198,6 +198,10 @@ def test_bad_input(tmp_path, cifar_archive, case):
         argv, says = ['--gpu', '0'], 'run on the CPU'
     elif case == 'resume-missing':
         argv, says = ['--resume', tmp_path / 'snapshot_iter_99'], 'no such snapshot'
+    elif case == 'lr-drops':
+        argv, says = ['--lr-drops', 3, 2], 'increasing'
+    elif case == 'tta-images':
+        argv, says = ['--tta-images', 9], 'more than --test-images 8'
     proc = script('train.py', *TINY, '--data-dir', data_dir, '--out', out,
                   '--iterations', 3, *argv)
     line = assert_one_error_line(proc, 'train.py')
@@ -295,6 +299,30 @@ def test_ctrl_c_snapshots_and_resumes(tmp_path, cifar_archive):
     result = read_json(str(out / 'result.json'))
     assert result['status'] == 'finished'
     assert result['iteration'] == iteration + 2
+
+
+def test_lr_drops_threads_and_final_errors_on_two_test_sets(trained):
+    """--lr-drops 2 3: iteration i+1 uses the lr dropped after iteration i (the log
+    gives the lr each iteration used); --threads is recorded; the final 36-view error
+    is that of the first --tta-images test images and the centre-view error that of
+    all, each checked by evaluate.py through the plain whole-set evaluation."""
+    out, proc = trained('--synth', 'vfbn', '--iterations', 4, '--lr-drops', 2, 3,
+                        '--eval-every', 1, '--eval-views', 1, '--eval-images', 4,
+                        '--tta-images', 3, '--threads', 1)
+    assert proc.returncode == 0, proc.stderr
+    log = read_json(os.path.join(out, 'log'))
+    assert [e['lr'] for e in log] == pytest.approx([0.1, 0.1, 0.01, 0.001], rel=1e-12)
+    assert read_json(os.path.join(out, 'args.json'))['threads'] == 1
+    result = read_json(os.path.join(out, 'result.json'))
+    assert (result['eval_views'], result['tta_images'], result['test_images']) == (36, 3, 8)
+    tta = evaluate_json(out, '--test-images', 3, '--views', 36)
+    assert tta['test_error'] == result['test_error']
+    centre = evaluate_json(out, '--views', 1)
+    assert centre['test_images'] == 8
+    assert centre['test_error'] == result['test_error_single']
+    again = evaluate_json(out)  # the run's own settings: the same two numbers
+    assert (again['test_error'], again['test_error_single']) == \
+        (result['test_error'], result['test_error_single'])
 
 
 # ---------------------------------------------------------------------------

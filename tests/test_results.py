@@ -9,8 +9,10 @@ generated CIFAR-10 archive of ``conftest.py``, two iterations each: a second ``r
 must retrain nothing, and a run whose result.json is gone resumes from its snapshot.
 """
 import json
+import math
 import os
 import re
+import statistics
 import shlex
 import subprocess
 import sys
@@ -152,6 +154,66 @@ def test_plan_runs_the_claim_first_for_each_seed():
     assert steps == ['bp', 'vfbn-0']
 
 
+def test_claim_seeds_run_the_claim_rows_on_every_seed_first():
+    steps = [(seed, table.slug(r)) for seed, r in
+             table.plan([0], ['bp', 'vfbn-1e-3', 'bottom'], claim_seeds=[0, 1, 2])]
+    assert steps == [(0, 'bp'), (0, 'vfbn-1e-3'), (1, 'bp'), (1, 'vfbn-1e-3'),
+                     (2, 'bp'), (2, 'vfbn-1e-3'), (0, 'bottom')]
+
+
+# ---------------------------------------------------------------------------
+# Paired differences.
+
+def _t_coverage(q, df, steps=20000):
+    """P(|T| <= q) for Student's t with ``df`` degrees of freedom, by Simpson's rule
+    on the density (an oracle independent of the quantile table)."""
+    c = math.exp(math.lgamma((df + 1) / 2.0) - math.lgamma(df / 2.0)) / math.sqrt(df * math.pi)
+    h = q / steps
+    f = [c * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2.0) for i in range(steps + 1)]
+    simpson = h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+    return 2 * simpson
+
+
+def test_t_quantiles_cover_95_percent():
+    for df, q in table.T_975.items():
+        assert abs(_t_coverage(q, df) - 0.95) < 2e-4, df
+
+
+def test_paired_interval_is_the_t_interval_of_the_differences():
+    mean, half = table.paired_interval([1.0, 2.0, 3.0, 4.0])
+    sd = math.sqrt(((1.5 ** 2) * 2 + (0.5 ** 2) * 2) / 3)   # sample std of 1..4
+    assert mean == 2.5
+    assert abs(half - 3.182 * sd / 2) < 1e-12
+    assert table.paired_interval([0.7]) == (0.7, None)
+
+
+def test_table_pairs_runs_by_seed(tmp_path):
+    """VFBN - BP over seeds 0, 1, 2 with known final errors; a BP run of seed 3 has
+    no partner and is left out of the pairs."""
+    def run(slug, seed, error, single):
+        folder = write_run(tmp_path / ('%s%d' % (slug, seed)), slug, seed, [error])
+        path = os.path.join(folder, 'result.json')
+        with open(path) as f:
+            result = json.load(f)
+        result['test_error_single'] = single
+        with open(path, 'w') as f:
+            json.dump(result, f)
+        return folder
+    folders = [run('bp', 0, 0.20, 0.22), run('bp', 1, 0.30, 0.31), run('bp', 2, 0.25, 0.25),
+               run('bp', 3, 0.90, 0.90),
+               run('vfbn-1e-3', 0, 0.21, 0.23), run('vfbn-1e-3', 1, 0.33, 0.32),
+               run('vfbn-1e-3', 2, 0.26, 0.27)]
+    md = table.results_table(folders)
+    line = next(l for l in md.splitlines() if l.startswith('| VFBN (alpha_gs = 1e-3) − BackProp'))
+    cells = [c.strip() for c in line.strip('|').split(' | ')]
+    assert cells[1] == '3 (0, 1, 2)'
+    for cell, diffs in ((cells[2], [1.0, 1.0, 2.0]), (cells[3], [1.0, 3.0, 1.0])):
+        m = statistics.mean(diffs)
+        half = 4.303 * statistics.stdev(diffs) / math.sqrt(3)
+        assert cell == '%+.2f [%+.2f, %+.2f]' % (m, m - half, m + half)
+    assert "Jaderberg's Linear" not in md.split('## Paired differences')[1]  # no such runs
+
+
 # ---------------------------------------------------------------------------
 # Figure 3.
 
@@ -205,6 +267,23 @@ def run_table(*argv):
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
 
 
+def test_run_jobs_in_parallel_with_their_share_of_threads(tmp_path, cifar_archive):
+    root = tmp_path / 'root'
+    proc = run_table('run', '--out', root, '--dataset', 'cifar10', '--depth', '1',
+                     '--rows', 'vfbn-1e-3', 'bp', '--jobs', '2', '--', '--data-dir',
+                     cifar_archive, '--train-images', '16', '--test-images', '4',
+                     '--batchsize', '4', '--iterations', '2')
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert '2 at a time' in proc.stdout
+    assert 'final test error' not in proc.stdout  # train.py's own output stays in its folder
+    share = max(1, training.default_threads() // 2)
+    for name in ('bp', 'vfbn-1e-3'):
+        folder = root / name / 'seed0'
+        assert json.loads((folder / 'args.json').read_text())['threads'] == share
+        assert json.loads((folder / 'result.json').read_text())['status'] == 'finished'
+        assert 'final test error' in (folder / 'train_output.txt').read_text()
+
+
 def test_run_is_resumable(tmp_path, cifar_archive):
     root = tmp_path / 'root'
     argv = ['run', '--out', root, '--dataset', 'cifar10', '--depth', '1',
@@ -223,7 +302,7 @@ def test_run_is_resumable(tmp_path, cifar_archive):
         assert os.path.getsize(str(root / name)) > 0
     md = (root / 'table.md').read_text()
     assert not re.search(r'\bnan\b', md, re.IGNORECASE)
-    assert md.count('(1 seed)') == 4 and md.count('not run') == 5
+    assert md.count('(1 seed)') == 4 and md.count('not run') == 10
 
     again = run_table(*argv)
     assert again.returncode == 0, again.stdout + again.stderr
