@@ -58,7 +58,8 @@ FIDELITY_KEYS = (  # log key, axis label, reference line, panel title
 
 #: args.json keys that say where or on what a run ran, not what it computed.
 PER_RUN_KEYS = ('seed', 'out', 'resume', 'progress', 'synth', 'versions', 'machine',
-                'device', 'gpu', 'data_dir', 'threads')
+                'device', 'gpu', 'data_dir', 'threads', 'overwrite', 'progress_every',
+                'parts')
 
 
 class RunError(Exception):

@@ -23,9 +23,9 @@ import sys
 import chainer
 import numpy
 
-from chainer_vfbn import config, data, methods
+from chainer_vfbn import config, data, methods, runs
 from chainer_vfbn.evaluation import final_test_errors, test_errors
-from chainer_vfbn.training import EXIT_BAD_INPUT, UsageError, resolve_device, write_json
+from chainer_vfbn.runs import EXIT_BAD_INPUT, UsageError, read_json, write_json
 
 DEFAULT_WEIGHTS = 'model.npz'
 TRAINER_PREFIX = 'updater/'
@@ -78,14 +78,6 @@ def build_parser():
                    help='also write the result as JSON to OUT (atomically), or to '
                         'stdout alone with "-"')
     return p
-
-
-def read_json(path, what):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError('cannot read %s %s (%s)' % (what, path, e))
 
 
 def locate(run, snapshot):
@@ -198,7 +190,7 @@ def evaluate(args):
         method, run_args.get('depth'),
         'middle' if run_args.get('split') is None else run_args.get('split'))
 
-    device = resolve_device(args)
+    device = runs.resolve_device(args.device, args.gpu)
     predictor, parts = build_predictor(run_args, device)
     kind, iteration = load_weights(weights, predictor, parts, describe)
     own_model = os.path.join(run_dir, DEFAULT_WEIGHTS)

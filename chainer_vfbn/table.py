@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 
-from chainer_vfbn import curves, methods, training
+from chainer_vfbn import curves, methods, runs, training
 
 #: A stable folder name for each Table 1 row, by (method, alpha_gs) as in TABLE1.
 SLUGS = {
@@ -51,13 +51,13 @@ TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
                         'train.py')
 #: train.py arguments that ``run`` sets itself for every run.
 RUNNER_OPTIONS = ('--out', '-o', '--seed', '--method', '--synth', '--alpha-gs',
-                  '--resume', '-r', '--threads')
+                  '--resume', '-r', '--threads', '--overwrite')
 #: Environment variables that size the thread pools of BLAS and OpenMP.
 THREAD_VARIABLES = ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS')
 
 EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
+EXIT_BAD_INPUT = runs.EXIT_BAD_INPUT
+EXIT_INTERRUPTED = runs.EXIT_INTERRUPTED
 
 
 def slug(row):
@@ -89,7 +89,7 @@ def train_command(args, row):
     for action in training.build_parser()._actions:
         dest = action.dest
         if dest in ('help', 'method', 'synth', 'alpha_gs', 'seed', 'out', 'resume', 'progress',
-                    'threads') or dest not in args:
+                    'threads', 'overwrite', 'progress_every') or dest not in args:
             continue
         value = args[dest]
         if value == action.default:
@@ -370,19 +370,9 @@ def run_argv(row, seed, common, out):
     return methods.row_argv(row) + common + ['--seed', str(seed), '--out', out]
 
 
-def latest_snapshot(folder):
-    """Path of the ``snapshot_iter_N`` with the largest N in ``folder``, or None."""
-    found = []
-    for name in os.listdir(folder) if os.path.isdir(folder) else ():
-        m = re.fullmatch(r'snapshot_iter_(\d+)', name)
-        if m:
-            found.append((int(m.group(1)), os.path.join(folder, name)))
-    return max(found)[1] if found else None
-
-
 def config_mismatch(recorded, argv):
     """How a folder's args.json differs from what ``argv`` would run ('' if not)."""
-    planned = vars(training.parse_args(argv))
+    planned = vars(training.parse_args(argv, check_out=False))
     diffs = ['%s %r there, %r now' % (k, recorded.get(k), v) for k, v in sorted(planned.items())
              if k not in curves.PER_RUN_KEYS and recorded.get(k) != v]
     return '; '.join(diffs)
@@ -438,11 +428,13 @@ class Runner(object):
             if run.status in ('finished', 'diverged'):
                 self.say('%s: skipped, already %s (%s)' % (name, run.status, outcome(run)))
                 return run.status
-        snapshot = latest_snapshot(out)
+        snapshot = runs.latest_snapshot(out)
         if snapshot:
             argv += ['--resume', snapshot]
             self.say('%s: resuming from %s' % (name, snapshot))
         else:
+            if runs.run_files(out):  # stopped before its first snapshot: start over
+                argv.append('--overwrite')
             self.say('%s: starting' % name)
         began = time.time()
         code = self._train(argv, out)
@@ -600,7 +592,7 @@ def main(argv=None):
         common += ['--depth', str(args.depth)]
     common += extra
     try:  # check the train.py arguments now, not after hours of training
-        training.parse_args(run_argv(methods.TABLE1[0], 0, common, args.out))
+        training.parse_args(run_argv(methods.TABLE1[0], 0, common, args.out), check_out=False)
     except training.UsageError as e:
         parser.error('train.py arguments: %s' % e)
     return run_table(args.out, args.seeds, args.rows, common, args.jobs, args.claim_seeds)

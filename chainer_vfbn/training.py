@@ -7,9 +7,9 @@ predicting network (``model_iter_N.npz``, ``model.npz`` at the end), and
 ``result.json`` (status and final test errors), written last and atomically.
 """
 import argparse
-import json
+import math
 import os
-import platform
+import shlex
 import signal
 import sys
 import time
@@ -19,26 +19,38 @@ import chainer
 import numpy
 from chainer.training import extensions
 
-from chainer_vfbn import config, data, methods, updaters
+from chainer_vfbn import config, data, methods, runs, updaters
 from chainer_vfbn.evaluation import TestErrorEvaluator, final_test_errors
+from chainer_vfbn.runs import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED,  # noqa: F401
+                               UsageError)
 
-EXIT_BAD_INPUT = 2
-EXIT_DIVERGED = 3
-EXIT_INTERRUPTED = 130
+#: Options a resumed run may change: where and how it runs, not what it computes.
+#: (The thread count can change the last bits of the numbers; it is recorded.)
+RESUME_MAY_CHANGE = ('resume', 'out', 'overwrite', 'progress', 'progress_every', 'device',
+                     'gpu', 'data_dir', 'threads')
+#: The stopping point, which a resumed run may extend.
+STOPPING = ('iterations', 'epoch')
 
 
-class UsageError(Exception):
-    """Bad arguments or environment; the message says what to do instead."""
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default where it has one (not "(default: None)")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ''
+        if '%(default)' not in text and action.default not in (None, False, argparse.SUPPRESS) \
+                and action.option_strings and 'default' not in text:
+            text += ' (default: %(default)s)'
+        return text
 
 
 def build_parser():
     p = argparse.ArgumentParser(
         description='Train ResNet-110 (the paper\'s variant) on CIFAR-10 with one of '
                     'the methods of Table 1 (Miyato et al. 2017).',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     g = p.add_argument_group('method')
     g.add_argument('--method', choices=methods.METHODS, default=None,
-                   help='Table 1 method (default bp)')
+                   help='Table 1 method (default: bp)')
     g.add_argument('--synth', choices=methods.SYNTHESIZERS, default=None,
                    help='synthetic-gradient method: the same as --method NAME')
     g.add_argument('--alpha-gs', type=float, default=config.ALPHA_GS,
@@ -99,8 +111,14 @@ def build_parser():
                    help='Chainer device specifier (@numpy, @cupy:0, ...)')
     g.add_argument('--gpu', '-g', type=int, default=None,
                    help='GPU id (the same as --device @cupy:ID; negative: CPU)')
-    g.add_argument('--out', '-o', default='result', help='output folder')
-    g.add_argument('--resume', '-r', default=None, help='trainer snapshot to resume from')
+    g.add_argument('--out', '-o', default=runs.DEFAULT_OUT,
+                   help='output folder; it must not hold another run')
+    g.add_argument('--overwrite', action='store_true',
+                   help='start over in an --out that holds a run, deleting its files')
+    g.add_argument('--resume', '-r', default=None, metavar='RUN_DIR_OR_SNAPSHOT',
+                   help='continue a run from its folder (its latest snapshot) or from one '
+                        'snapshot; its arguments come from its args.json, and only the '
+                        'stopping point (--iterations, --epoch) may be extended')
     g.add_argument('--eval-views', type=int, choices=(1, config.N_VIEWS),
                    default=config.EVAL_VIEWS,
                    help='36: the paper\'s averaged test error; 1: centre view only')
@@ -109,26 +127,39 @@ def build_parser():
     g.add_argument('--snapshot-every', type=int, default=None,
                    help='trainer snapshot every N iterations (default: every epoch)')
     g.add_argument('--progress', action=argparse.BooleanOptionalAction, default=None,
-                   help='progress bar (default: when printing to a terminal)')
+                   help='progress bar (default: when printing to a terminal; otherwise '
+                        'a plain line every --progress-every seconds)')
+    g.add_argument('--progress-every', type=float, default=60.0, metavar='SECONDS',
+                   help='without a progress bar, print a progress line this often')
     return p
 
 
-def parse_args(argv=None):
-    args = build_parser().parse_args(argv)
+def validate(args):
+    """Check every value before anything is loaded or written (UsageError)."""
     if args.method and args.synth and args.method != args.synth:
         raise UsageError('--method %s and --synth %s disagree: give one'
                          % (args.method, args.synth))
     args.method = args.method or args.synth or 'bp'
-    for name in ('depth', 'batchsize'):
-        if getattr(args, name) < 1:
-            raise UsageError('--%s must be >= 1' % name)
-    for name in ('train_images', 'test_images', 'eval_images', 'tta_images', 'iterations',
-                 'eval_every', 'snapshot_every', 'threads'):
+    for name in ('alpha_gs', 'epoch', 'lr', 'momentum', 'weight_decay', 'lr_drop_every',
+                 'progress_every'):
+        if not runs.finite(getattr(args, name)):
+            raise UsageError('--%s must be a finite number, got %r'
+                             % (name.replace('_', '-'), getattr(args, name)))
+    for name in ('depth', 'batchsize', 'train_images', 'test_images', 'eval_images',
+                 'tta_images', 'iterations', 'eval_every', 'snapshot_every', 'threads'):
         v = getattr(args, name)
         if v is not None and v < 1:
-            raise UsageError('--%s must be >= 1' % name.replace('_', '-'))
-    if args.alpha_gs < 0:
-        raise UsageError('--alpha-gs must be >= 0')
+            raise UsageError('--%s must be >= 1, got %d' % (name.replace('_', '-'), v))
+    for name in ('epoch', 'lr_drop_every', 'progress_every'):
+        if getattr(args, name) <= 0:
+            raise UsageError('--%s must be > 0, got %g'
+                             % (name.replace('_', '-'), getattr(args, name)))
+    for name in ('alpha_gs', 'lr', 'weight_decay'):
+        if getattr(args, name) < 0:
+            raise UsageError('--%s must be >= 0, got %g'
+                             % (name.replace('_', '-'), getattr(args, name)))
+    if not 0 <= args.momentum < 1:
+        raise UsageError('--momentum must be in [0, 1), got %g' % args.momentum)
     if args.lr_drops is not None and (min(args.lr_drops) < 1 or
                                       sorted(set(args.lr_drops)) != args.lr_drops):
         raise UsageError('--lr-drops must be increasing iterations >= 1')
@@ -137,30 +168,93 @@ def parse_args(argv=None):
         if n is not None and args.test_images is not None and n > args.test_images:
             raise UsageError('--%s %d is more than --test-images %d'
                              % (name.replace('_', '-'), n, args.test_images))
-    if args.resume and not os.path.isfile(args.resume):
-        raise UsageError('--resume %s: no such snapshot file' % args.resume)
+    if args.split is not None and not 0 <= args.split <= 3 * args.depth:
+        raise UsageError('--split must be a unit boundary in [0, %d] for --depth %d, got %d'
+                         % (3 * args.depth, args.depth, args.split))
     return args
 
 
-def resolve_device(args):
-    """The Chainer device; a missing GPU is an error, never a silent CPU run."""
-    spec = args.device
-    if args.gpu is not None:
-        if spec is not None:
-            raise UsageError('give --gpu or --device, not both')
-        spec = '@cupy:%d' % args.gpu if args.gpu >= 0 else '@numpy'
-    spec = spec or '@numpy'
+def given_options(argv):
+    """The destinations of the options written on the command line ``argv``."""
+    parser = build_parser()
+    unset = object()
+    parser.set_defaults(**{a.dest: unset for a in parser._actions if a.dest != 'help'})
+    return {k for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
+
+
+def option_name(dest):
+    return '--' + dest.replace('_', '-')
+
+
+def snapshot_iteration(path):
+    """The iteration a trainer snapshot was saved at (None if it does not say)."""
     try:
-        device = chainer.get_device(spec)
-        if device.xp is not numpy:
-            device.use()
-            device.xp.zeros(1).sum()  # touch the GPU now, not mid-run
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError('device %s is not available (%s). Install CuPy for your CUDA '
-                         '(README, GPU) or run on the CPU: leave out --gpu/--device'
-                         % (spec, first))
-    return device
+        with numpy.load(path) as f:
+            return int(f['updater/iteration'])
+    except Exception:
+        return None
+
+
+def resumed_args(args, given):
+    """The arguments of a resumed run: its args.json, with the options it may change
+    taken from the command line. Any other option given that contradicts args.json
+    is refused, naming it."""
+    run_dir, snapshot = runs.resume_source(args.resume)
+    recorded = runs.read_json(os.path.join(run_dir, 'args.json'), 'the run\'s arguments')
+    names = [dest for dest in vars(args) if dest not in ('resume', 'synth', 'method')]
+    merged = argparse.Namespace(**{k: recorded.get(k, getattr(args, k)) for k in names})
+    merged.method, merged.synth = recorded.get('method', 'bp'), None
+    if given & {'method', 'synth'} and args.method != merged.method:
+        raise UsageError('--resume %s: the run\'s method is %s, not %s; leave the method '
+                         'out' % (args.resume, merged.method, args.method))
+    for dest in sorted(given - {'method', 'synth'}):
+        mine, theirs = getattr(args, dest), recorded.get(dest)
+        if dest in RESUME_MAY_CHANGE:
+            setattr(merged, dest, mine)
+        elif dest in STOPPING:
+            done = snapshot_iteration(snapshot)
+            if dest == 'iterations' and mine is not None and done is not None and mine < done:
+                raise UsageError('--resume %s: --iterations %d is before the snapshot\'s '
+                                 'iteration %d; the stopping point can only be moved on'
+                                 % (args.resume, mine, done))
+            setattr(merged, dest, mine)
+        elif mine != theirs:
+            raise UsageError('--resume %s: %s %s contradicts the run\'s %s (args.json in %s); '
+                             'leave it out to continue the run as it was'
+                             % (args.resume, option_name(dest),
+                                ' '.join(map(str, mine)) if isinstance(mine, list) else mine,
+                                theirs, run_dir))
+    if 'out' not in given:
+        merged.out = run_dir
+    merged.resume = snapshot
+    merged.parts = recorded.get('parts', []) + [
+        {'resumed_from': snapshot, 'iterations': merged.iterations, 'epoch': merged.epoch}]
+    return merged
+
+
+def parse_args(argv=None, check_out=True):
+    """The run's arguments, checked; for ``--resume``, read back from the run's
+    folder. With ``check_out``, also that ``--out`` may take the run. Raises
+    :class:`UsageError`; writes nothing."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = validate(build_parser().parse_args(argv))
+    if args.resume:
+        args = validate(resumed_args(args, given_options(argv)))
+    else:
+        args.parts = []
+    if check_out and not continues_in_place(args):
+        runs.prepare_new(args.out, args.overwrite)
+    return args
+
+
+def continues_in_place(args):
+    """A resumed run writing to the folder of the snapshot it resumes from."""
+    return bool(args.resume) and \
+        os.path.abspath(args.out) == os.path.abspath(os.path.dirname(args.resume) or '.')
+
+
+def resolve_device(args):
+    return runs.resolve_device(args.device, args.gpu)
 
 
 def default_threads():
@@ -198,72 +292,34 @@ def seed_everything(seed, device):
         device.xp.random.seed(seed)
 
 
-def versions():
-    """Versions of what computes the numbers (recorded in args.json)."""
-    v = {'python': platform.python_version(), 'chainer': chainer.__version__,
-         'numpy': numpy.__version__}
-    try:
-        import cupy
-        v['cupy'] = cupy.__version__
-    except Exception:
-        pass
-    return v
-
-
-def cpu_name():
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine(device):
-    m = {'platform': platform.platform(), 'cpu': cpu_name(), 'cpus': os.cpu_count(),
-         'device': str(device)}
-    if device.xp is not numpy:
-        try:
-            import cupy
-            props = cupy.cuda.runtime.getDeviceProperties(device.device.id)
-            m['gpu'] = props['name'].decode() if isinstance(props['name'], bytes) else props['name']
-        except Exception:
-            pass
-    return m
-
-
-def write_json(path, obj):
-    """Write JSON atomically: a reader sees the old file or the whole new one."""
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write('\n')
-    os.replace(tmp, path)
-
-
 class StopOnSignal(chainer.training.Extension):
     """After the first Ctrl-C (SIGINT) or SIGTERM, finish the current iteration, save
-    a trainer snapshot, and stop the run with :class:`Interrupted`."""
+    a trainer snapshot, and stop the run with :class:`Interrupted`. A second signal
+    before the snapshot starts stops at once (:class:`Interrupted` with no snapshot);
+    while the snapshot is being written, signals are ignored."""
 
     trigger = 1, 'iteration'
     priority = chainer.training.PRIORITY_READER - 1  # after every other extension
 
     def __init__(self, snapshot):
-        self.snapshot, self.signum = snapshot, None
+        self.snapshot, self.signum, self.saving = snapshot, None, False
 
     def initialize(self, trainer):
         def handler(signum, frame):
+            if self.saving:
+                return
             if self.signum is not None:  # second signal: stop now
-                raise KeyboardInterrupt
+                raise Interrupted(trainer.updater.iteration, None)
             self.signum = signum
         self._old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def __call__(self, trainer):
         if self.signum is not None:
+            self.saving = True
             self.snapshot(trainer)
-            raise Interrupted(trainer.updater.iteration)
+            raise Interrupted(trainer.updater.iteration,
+                              os.path.join(trainer.out, 'snapshot_iter_%d'
+                                           % trainer.updater.iteration))
 
     def finalize(self):
         for s, h in getattr(self, '_old', {}).items():
@@ -271,7 +327,46 @@ class StopOnSignal(chainer.training.Extension):
 
 
 class Interrupted(Exception):
-    pass
+    """The run stopped on a signal: ``(iteration, snapshot path or None)``."""
+
+
+class ProgressLines(chainer.training.Extension):
+    """Without a terminal: one plain line every ``seconds`` (and after the first
+    iteration), with the iteration, the speed and the time left."""
+
+    trigger = 1, 'iteration'
+    priority = chainer.training.PRIORITY_READER
+
+    def __init__(self, seconds, stop_iteration):
+        self.seconds, self.stop_iteration = seconds, stop_iteration
+        self.last = None
+
+    def __call__(self, trainer):
+        now, it = time.time(), trainer.updater.iteration
+        if self.last is None:
+            self.last = (now, it)
+            self._say(it, None)
+        elif now - self.last[0] >= self.seconds:
+            per = (now - self.last[0]) / max(1, it - self.last[1])
+            self.last = (now, it)
+            self._say(it, per)
+
+    def _say(self, it, per):
+        total = self.stop_iteration
+        parts = ['iteration %d%s' % (it, '/%d (%.0f%%)' % (total, 100.0 * it / total)
+                                     if total else '')]
+        if per is not None:
+            parts.append('%.2f s/iteration' % per)
+            if total:
+                parts.append('%.0f min left' % ((total - it) * per / 60.0))
+        print('[progress] ' + ', '.join(parts), flush=True)
+
+
+def stop_iteration(args, n_examples):
+    """The iteration the run stops after."""
+    if args.iterations:
+        return args.iterations
+    return int(math.ceil(args.epoch * n_examples / float(args.batchsize)))
 
 
 def load_data(args):
@@ -357,33 +452,38 @@ def train(args):
     progress = sys.stdout.isatty() if args.progress is None else args.progress
     if progress:
         trainer.extend(extensions.ProgressBar(update_interval=10))
+    else:
+        trainer.extend(ProgressLines(args.progress_every, stop_iteration(args, len(train_set))))
     trainer.extend(StopOnSignal(snapshot))
 
     if args.resume:
         try:
             chainer.serializers.load_npz(args.resume, trainer)
         except Exception as e:
-            raise UsageError('--resume %s does not fit this run (%s: %s); resume with the '
-                             'same method, depth and split as args.json records'
+            raise UsageError('--resume %s does not fit this run (%s: %s); its args.json '
+                             'does not describe the network the snapshot holds'
                              % (args.resume, type(e).__name__, str(e).splitlines()[0]))
 
-    # Only now, with every input checked, touch the output folder.
+    # Only now, with every input checked, touch the output folder: a new run (or a
+    # resumed one written elsewhere) starts in a folder without another run's files.
+    if continues_in_place(args):
+        stale = [os.path.join(args.out, 'result.json')]  # the run goes on
+    else:
+        stale = runs.run_files(args.out)  # parse_args refused them without --overwrite
+    runs.clear(p for p in stale if os.path.exists(p))
     os.makedirs(args.out, exist_ok=True)
-    write_json(os.path.join(args.out, 'args.json'),
-               dict(vars(args), versions=versions(), machine=machine(device)))
-    if os.path.exists(os.path.join(args.out, 'result.json')):
-        os.remove(os.path.join(args.out, 'result.json'))
+    runs.write_json(os.path.join(args.out, 'args.json'),
+                    dict(vars(args), versions=runs.versions(), machine=runs.machine(device)))
 
     result = {'method': args.method, 'alpha_gs': args.alpha_gs, 'dataset': args.dataset,
               'depth': args.depth, 'seed': args.seed}
-    start = time.time()
     try:
         with numpy.errstate(over='ignore', invalid='ignore'):  # NonFiniteError says it
             trainer.run(show_loop_exception_msg=False)
     except updaters.NonFiniteError as e:
         result.update(status='diverged', message=str(e),
                       iteration=setup.updater.iteration + 1)
-        write_json(os.path.join(args.out, 'result.json'), result)
+        runs.write_json(os.path.join(args.out, 'result.json'), result)
         raise
     if args.tta_images is None and n_eval == len(test_x):
         final = evaluator.final(trainer)
@@ -393,11 +493,11 @@ def train(args):
     snapshot(trainer)
     chainer.serializers.save_npz(os.path.join(args.out, 'model.npz'), setup.predictor)
     result.update(status='finished', iteration=setup.updater.iteration,
-                  epoch=setup.updater.epoch_detail, seconds=time.time() - start,
+                  epoch=setup.updater.epoch_detail, seconds=trainer.elapsed_time,
                   test_error=final['error'], test_error_single=final['error_single'],
                   eval_views=final['views'], test_images=len(test_x),
                   tta_images=final.get('tta_images', len(test_x) if final['views'] > 1 else 0))
-    write_json(os.path.join(args.out, 'result.json'), result)
+    runs.write_json(os.path.join(args.out, 'result.json'), result)
     print('final test error %.2f%% (%d-view), %.2f%% (single view), %d iterations'
           % (100 * final['error'], final['views'], 100 * final['error_single'],
              setup.updater.iteration), flush=True)
@@ -417,9 +517,18 @@ def main(argv=None):
     except updaters.NonFiniteError as e:
         print('%s: error: %s (see result.json)' % (prog, e), file=sys.stderr)
         return EXIT_DIVERGED
-    except Interrupted as e:
-        print('%s: interrupted at iteration %s; a snapshot was saved: continue with '
-              '--resume %s' % (prog, e.args[0], os.path.join(args.out, 'snapshot_iter_%s'
-                                                               % e.args[0])), file=sys.stderr)
+    except (Interrupted, KeyboardInterrupt) as e:
+        iteration, snapshot = e.args if isinstance(e, Interrupted) else (None, None)
+        latest = runs.latest_snapshot(args.out) if 'args' in locals() else None
+        if snapshot:
+            said = 'interrupted at iteration %d; a snapshot was saved' % iteration
+        elif latest:
+            said = 'interrupted again before the snapshot; the latest snapshot is %s' % latest
+        else:
+            print('%s: interrupted before the first snapshot; nothing to resume'
+                  % prog, file=sys.stderr)
+            return EXIT_INTERRUPTED
+        print('%s: %s: continue with: %s' % (prog, said, ' '.join(shlex.quote(a) for a in [
+            sys.executable, sys.argv[0], '--resume', args.out])), file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0

@@ -197,7 +197,7 @@ def test_bad_input(tmp_path, cifar_archive, case):
             pytest.skip('this machine has a GPU')
         argv, says = ['--gpu', '0'], 'run on the CPU'
     elif case == 'resume-missing':
-        argv, says = ['--resume', tmp_path / 'snapshot_iter_99'], 'no such snapshot'
+        argv, says = ['--resume', tmp_path / 'snapshot_iter_99'], 'no such run folder or snapshot'
     elif case == 'lr-drops':
         argv, says = ['--lr-drops', 3, 2], 'increasing'
     elif case == 'tta-images':
@@ -209,6 +209,80 @@ def test_bad_input(tmp_path, cifar_archive, case):
     assert not (out / 'result.json').exists()
 
 
+@pytest.mark.parametrize('case', ['alpha-nan', 'lr-inf', 'epoch-0', 'epoch-negative',
+                                  'lr-drop-every-0', 'momentum-1', 'out-under-a-file',
+                                  'out-is-a-file', 'device-typo', 'split-out-of-range'])
+def test_bad_value_is_one_line_before_anything_is_written(tmp_path, cifar_archive, case):
+    out, argv = tmp_path / 'out', []
+    says = {'alpha-nan': '--alpha-gs must be a finite number',
+            'lr-inf': '--lr must be a finite number', 'epoch-0': '--epoch must be > 0',
+            'epoch-negative': '--epoch must be > 0',
+            'lr-drop-every-0': '--lr-drop-every must be > 0',
+            'momentum-1': '--momentum must be in [0, 1)', 'out-under-a-file': 'is a file',
+            'out-is-a-file': 'is a file', 'device-typo': "unknown device 'foo'",
+            'split-out-of-range': '--split must be a unit boundary'}[case]
+    argv = {'alpha-nan': ['--synth', 'vfbn', '--alpha-gs', 'nan'], 'lr-inf': ['--lr', 'inf'],
+            'epoch-0': ['--epoch', '0'], 'epoch-negative': ['--epoch', '-1'],
+            'lr-drop-every-0': ['--lr-drop-every', '0'], 'momentum-1': ['--momentum', '1'],
+            'device-typo': ['--device', 'foo'], 'split-out-of-range': ['--split', '4']}.get(case, [])
+    if case == 'out-under-a-file':
+        (tmp_path / 'afile').write_text('x')
+        out = tmp_path / 'afile' / 'out'
+    elif case == 'out-is-a-file':
+        out.write_text('x')
+    before = sorted(os.listdir(tmp_path))
+    proc = script('train.py', *TINY, '--data-dir', cifar_archive, '--out', out, *argv)
+    line = assert_one_error_line(proc, 'train.py')
+    assert says in line, line
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written
+
+
+def test_a_run_folder_is_never_shared(trained, tmp_path):
+    """A new run into a folder holding a run is refused (one line naming --resume and
+    --overwrite, nothing touched); --overwrite starts over without the old files."""
+    done, proc = trained(*short_run(table1_row('vfbn', 1e-3), iterations=6))
+    run = tmp_path / 'run'
+    shutil.copytree(done, str(run))
+    before = {n: (run / n).read_bytes() for n in os.listdir(str(run))}
+    proc = script('train.py', *TINY, '--out', run, '--iterations', 3)
+    line = assert_one_error_line(proc, 'train.py')
+    assert 'holds a run' in line and '--resume' in line and '--overwrite' in line
+    assert {n: (run / n).read_bytes() for n in os.listdir(str(run))} == before
+    run_args = read_json(str(run / 'args.json'))
+    proc = script('train.py', *TINY, '--data-dir', run_args['data_dir'], '--out', run,
+                  '--method', 'bp', '--iterations', 1, '--overwrite')
+    assert proc.returncode == 0, proc.stderr
+    assert not (run / 'snapshot_iter_6').exists() and not (run / 'snapshot_iter_3').exists()
+    assert read_json(str(run / 'args.json'))['method'] == 'bp'
+    assert read_json(str(run / 'result.json'))['iteration'] == 1
+
+
+def test_resume_from_the_folder_alone_and_refuse_a_contradiction(trained, tmp_path):
+    """``--resume RUN_DIR`` continues from its latest snapshot with its own arguments
+    (the data set and sizes come from args.json) and ends where the uninterrupted run
+    ends; an option that contradicts args.json is refused, naming it."""
+    full, _ = trained(*short_run(table1_row('vfbn', 1e-3), iterations=6))
+    half, _ = trained(*short_run(table1_row('vfbn', 1e-3), iterations=3))
+    run = tmp_path / 'run'
+    shutil.copytree(half, str(run))
+    for argv, named in ((['--lr', '0.5'], '--lr 0.5'), (['--seed', '1'], '--seed 1'),
+                        (['--train-images', '30'], '--train-images 30'),
+                        (['--iterations', '2'], 'before the snapshot')):
+        proc = script('train.py', '--resume', run, *argv)
+        line = assert_one_error_line(proc, 'train.py')
+        assert named in line, line
+    proc = script('train.py', '--resume', run, '--iterations', 6)
+    assert proc.returncode == 0, proc.stderr
+    with numpy.load(os.path.join(full, 'model.npz')) as a, \
+            numpy.load(str(run / 'model.npz')) as b:
+        for name in a.files:
+            numpy.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    run_args = read_json(str(run / 'args.json'))
+    assert run_args['iterations'] == 6 and len(run_args['parts']) == 1
+    result = read_json(str(run / 'result.json'))
+    assert result['seconds'] > read_json(os.path.join(half, 'result.json'))['seconds']
+
+
 def test_bad_input_resume_other_depth(trained, tmp_path, cifar_archive):
     depth1, proc = trained(*short_run(table1_row('vfbn', 1e-3)))
     assert proc.returncode == 0, proc.stderr
@@ -217,7 +291,7 @@ def test_bad_input_resume_other_depth(trained, tmp_path, cifar_archive):
                   '--synth', 'vfbn', '--iterations', 6,
                   '--resume', os.path.join(depth1, 'snapshot_iter_3'))
     line = assert_one_error_line(proc, 'train.py')
-    assert 'does not fit this run' in line and 'depth' in line
+    assert "--depth 2 contradicts the run's 1" in line
     assert not (out / 'result.json').exists()
 
 
@@ -285,20 +359,49 @@ def test_ctrl_c_snapshots_and_resumes(tmp_path, cifar_archive):
     stderr = (tmp_path / 'stderr').read_text()
     assert code == 130, stderr
     assert 'Traceback' not in stderr
-    m = re.search(r'interrupted at iteration (\d+); .*--resume (\S+)$', stderr.strip())
+    m = re.search(r'interrupted at iteration (\d+); a snapshot was saved: continue with: '
+                  r'(.*)$', stderr.strip())
     assert m, stderr
-    iteration, snapshot = int(m.group(1)), m.group(2)
-    assert snapshot == str(out / ('snapshot_iter_%d' % iteration))
-    assert os.path.isfile(snapshot)
+    iteration, command = int(m.group(1)), m.group(2)
+    assert command.split()[-2:] == ['--resume', str(out)]
+    assert (out / ('snapshot_iter_%d' % iteration)).is_file()
     assert not (out / 'result.json').exists()
 
-    resumed = subprocess.run(argv + ['--iterations', str(iteration + 2), '--resume', snapshot],
+    # The printed command, as printed, with a later stopping point.
+    resumed = subprocess.run(command.split() + ['--iterations', str(iteration + 2)],
                              cwd=REPO_ROOT, capture_output=True, text=True,
                              timeout=SCRIPT_TIMEOUT)
     assert resumed.returncode == 0, resumed.stderr
     result = read_json(str(out / 'result.json'))
     assert result['status'] == 'finished'
     assert result['iteration'] == iteration + 2
+
+
+def test_a_second_signal_while_the_snapshot_is_written_is_ignored(tmp_path):
+    """In process: the first SIGINT asks for a snapshot; one arriving while it is
+    written changes nothing, and the run stops with that snapshot's path."""
+    from chainer_vfbn import training
+
+    class Trainer(object):
+        out = str(tmp_path)
+
+        class updater(object):
+            iteration = 7
+    written = []
+
+    def snapshot(trainer):
+        os.kill(os.getpid(), signal.SIGINT)  # handled at once, mid-snapshot
+        written.append(trainer.updater.iteration)
+    stop = training.StopOnSignal(snapshot)
+    stop.initialize(Trainer)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(training.Interrupted) as e:
+            stop(Trainer)
+    finally:
+        stop.finalize()
+    assert written == [7]
+    assert e.value.args == (7, os.path.join(str(tmp_path), 'snapshot_iter_7'))
 
 
 def test_lr_drops_threads_and_final_errors_on_two_test_sets(trained):
