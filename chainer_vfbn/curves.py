@@ -27,8 +27,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from chainer_vfbn import config, methods
+from chainer_vfbn import runs as runs_module
 
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT = runs_module.EXIT_BAD_INPUT
 
 DATASET_NAMES = {'cifar10': 'CIFAR-10', 'fashion-mnist': 'Fashion-MNIST'}
 TRAIN_SIZES = {'cifar10': 50000, 'fashion-mnist': 60000}  # images in each training set
@@ -276,10 +277,18 @@ def _legend(fig, ax):
 
 
 def _save(fig, prefix, name):
+    """Write PREFIX_NAME.png and .pdf, each whole or not at all (a temporary file
+    renamed into place)."""
     paths = []
     for ext in ('png', 'pdf'):
         path = '%s_%s.%s' % (prefix, name, ext)
-        fig.savefig(path, dpi=150)
+        tmp = path + '.tmp'
+        try:
+            fig.savefig(tmp, dpi=150, format=ext)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         paths.append(path)
     return paths
 
@@ -344,22 +353,38 @@ def build_parser():
     p = argparse.ArgumentParser(
         description='Plot the test-error curves (the paper\'s Figure 3) and the '
                     'gradient fidelity of train.py run folders.')
-    p.add_argument('runs', nargs='+', metavar='RUN_DIR', help='train.py --out folders')
-    p.add_argument('--out', required=True, metavar='PREFIX',
-                   help='writes PREFIX_error.{png,pdf} and PREFIX_fidelity.{png,pdf}')
+    p.add_argument('runs', nargs='*', metavar='RUN_DIR',
+                   help='train.py --out folders (default: every run folder under %s/, '
+                        'train.py\'s default --out)' % runs_module.DEFAULT_OUT)
+    p.add_argument('--out', metavar='PREFIX', default=None,
+                   help='writes PREFIX_error.{png,pdf} and PREFIX_fidelity.{png,pdf} '
+                        '(default without RUN_DIR: %s/figure3)' % runs_module.DEFAULT_OUT)
     p.add_argument('--x', choices=('epoch', 'examples'), default='epoch',
                    help='x axis: epochs of the 36x set, or examples seen')
     return p
 
 
 def main(argv=None):
+    """``plot_curves.py``: the figures, or one line on stderr and exit 2."""
     args = build_parser().parse_args(argv)
     prog = os.path.basename(sys.argv[0])
+    folders, prefix = args.runs, args.out
     try:
-        runs = [load_run(path, need_log=True) for path in args.runs]
-    except RunError as e:
+        if not folders:
+            root = runs_module.DEFAULT_OUT
+            folders = runs_module.find_run_dirs(root)
+            if not folders:
+                raise RunError('no run folders (with args.json) under %s/, train.py\'s '
+                               'default --out; give them: python plot_curves.py RUN_DIR ... '
+                               '--out PREFIX' % root)
+            prefix = prefix or os.path.join(root, 'figure3')
+        elif prefix is None:
+            raise RunError('give --out PREFIX for the figures of these run folders')
+        runs = [load_run(path, need_log=True) for path in folders]
+        runs_module.check_writable(os.path.dirname(prefix) or '.')
+        paths = plot_all(runs, prefix, args.x)
+    except (RunError, runs_module.UsageError, OSError) as e:
         print('%s: error: %s' % (prog, e), file=sys.stderr)
         return EXIT_BAD_INPUT
-    for path in plot_all(runs, args.out, args.x):
-        print(path)
+    print('wrote %s' % ', '.join(paths))
     return 0

@@ -49,9 +49,10 @@ def build_parser():
         description='Test error of a network trained by train.py: the paper\'s 36-view '
                     'averaged error and the single-view error (Miyato et al. 2017, '
                     'appendix B.1). By default the run\'s own data, test images and views.')
-    p.add_argument('run', metavar='RUN_DIR_OR_SNAPSHOT',
+    p.add_argument('run', metavar='RUN_DIR_OR_SNAPSHOT', nargs='?', default=None,
                    help='the output folder of train.py, or a weights file inside one '
-                        '(model.npz, model_iter_N.npz or snapshot_iter_N)')
+                        '(model.npz, model_iter_N.npz or snapshot_iter_N); default: %s, '
+                        'train.py\'s default --out' % runs.DEFAULT_OUT)
     p.add_argument('--snapshot', metavar='FILE', default=None,
                    help='weights file to load, a path or a name inside the run folder '
                         '(default: %s)' % DEFAULT_WEIGHTS)
@@ -82,6 +83,12 @@ def build_parser():
 
 def locate(run, snapshot):
     """``(run folder, weights file)`` from the positional argument and --snapshot."""
+    if run is None:
+        if not os.path.isfile(os.path.join(runs.DEFAULT_OUT, 'args.json')):
+            raise UsageError('no run in %s/ (train.py\'s default --out) under %s; give the '
+                             'run folder: python evaluate.py RUN_DIR'
+                             % (runs.DEFAULT_OUT, os.getcwd()))
+        run = runs.DEFAULT_OUT
     if os.path.isdir(run):
         run_dir = run
         weights = os.path.join(run_dir, snapshot or DEFAULT_WEIGHTS)

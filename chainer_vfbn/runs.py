@@ -72,6 +72,16 @@ def run_files(folder):
     return sorted(found)
 
 
+def find_run_dirs(root):
+    """Every folder under ``root`` (itself included) that holds an args.json, sorted."""
+    found = []
+    for folder, subdirs, files in os.walk(root):
+        subdirs.sort()
+        if 'args.json' in files:
+            found.append(folder)
+    return found
+
+
 def latest_snapshot(folder):
     """Path of the ``snapshot_iter_N`` with the largest N in ``folder``, or None."""
     found = []

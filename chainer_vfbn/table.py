@@ -31,7 +31,8 @@ import sys
 import threading
 import time
 
-from chainer_vfbn import curves, methods, runs, training
+from chainer_vfbn import curves, methods, training
+from chainer_vfbn import runs as run_folders
 
 #: A stable folder name for each Table 1 row, by (method, alpha_gs) as in TABLE1.
 SLUGS = {
@@ -56,8 +57,8 @@ RUNNER_OPTIONS = ('--out', '-o', '--seed', '--method', '--synth', '--alpha-gs',
 THREAD_VARIABLES = ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS')
 
 EXIT_FAILED = 1
-EXIT_BAD_INPUT = runs.EXIT_BAD_INPUT
-EXIT_INTERRUPTED = runs.EXIT_INTERRUPTED
+EXIT_BAD_INPUT = run_folders.EXIT_BAD_INPUT
+EXIT_INTERRUPTED = run_folders.EXIT_INTERRUPTED
 
 
 def slug(row):
@@ -326,20 +327,10 @@ def results_table(run_dirs):
     return '\n'.join(lines) + '\n'
 
 
-def find_run_dirs(root):
-    """Every folder under ``root`` that holds an args.json, sorted."""
-    found = []
-    for folder, subdirs, files in os.walk(root):
-        subdirs.sort()
-        if 'args.json' in files:
-            found.append(folder)
-    return found
-
-
 def write_report(root, run_dirs=None):
     """``ROOT/table.md`` and ``ROOT/figure3_{error,fidelity}.{png,pdf}``; returns the
     paths written. Runs without a log yet are left out of the figures."""
-    run_dirs = find_run_dirs(root) if run_dirs is None else run_dirs
+    run_dirs = run_folders.find_run_dirs(root) if run_dirs is None else run_dirs
     path = os.path.join(root, 'table.md')
     with open(path, 'w') as f:
         f.write(results_table(run_dirs))
@@ -428,12 +419,12 @@ class Runner(object):
             if run.status in ('finished', 'diverged'):
                 self.say('%s: skipped, already %s (%s)' % (name, run.status, outcome(run)))
                 return run.status
-        snapshot = runs.latest_snapshot(out)
+        snapshot = run_folders.latest_snapshot(out)
         if snapshot:
             argv += ['--resume', snapshot]
             self.say('%s: resuming from %s' % (name, snapshot))
         else:
-            if runs.run_files(out):  # stopped before its first snapshot: start over
+            if run_folders.run_files(out):  # stopped before its first snapshot: start over
                 argv.append('--overwrite')
             self.say('%s: starting' % name)
         began = time.time()
@@ -574,7 +565,7 @@ def main(argv=None):
     if args.command == 'report':
         if extra:
             parser.error('report takes no train.py arguments')
-        if not find_run_dirs(args.root):
+        if not run_folders.find_run_dirs(args.root):
             print('%s: error: no run folders (with args.json) under %s'
                   % (parser.prog, args.root), file=sys.stderr)
             return EXIT_BAD_INPUT

@@ -330,6 +330,17 @@ class Interrupted(Exception):
     """The run stopped on a signal: ``(iteration, snapshot path or None)``."""
 
 
+class PlainOut(object):
+    """Standard output without the terminal codes PrintReport writes to clear a
+    progress bar: what a log file should hold."""
+
+    def write(self, text):
+        sys.stdout.write(text.replace('\033[J', ''))
+
+    def flush(self):
+        sys.stdout.flush()
+
+
 class ProgressLines(chainer.training.Extension):
     """Without a terminal: one plain line every ``seconds`` (and after the first
     iteration), with the iteration, the speed and the time left."""
@@ -448,8 +459,9 @@ def train(args):
     elif args.method == 'layerwise':
         keys += ['head/loss', 'synth/cosine']
     keys += ['validation/main/error', 'lr', 'elapsed_time']
-    trainer.extend(extensions.PrintReport(keys), trigger=eval_trigger)
     progress = sys.stdout.isatty() if args.progress is None else args.progress
+    trainer.extend(extensions.PrintReport(keys, out=sys.stdout if progress else PlainOut()),
+                   trigger=eval_trigger)
     if progress:
         trainer.extend(extensions.ProgressBar(update_interval=10))
     else:

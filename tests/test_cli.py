@@ -523,3 +523,40 @@ def test_evaluate_bad_path(tmp_path, case):
     proc = script('evaluate.py', path)
     line = assert_one_error_line(proc, 'evaluate.py')
     assert str(path) in line
+
+
+# ---------------------------------------------------------------------------
+# (g) The bare commands: train.py, then evaluate.py and plot_curves.py with nothing.
+
+def test_bare_evaluate_and_plot_after_a_default_run(tmp_path, cifar_archive):
+    def bare(name, *argv):
+        return subprocess.run([sys.executable, os.path.join(REPO_ROOT, name)] +
+                              [str(a) for a in argv], cwd=str(tmp_path), capture_output=True,
+                              text=True, timeout=SCRIPT_TIMEOUT)
+    line = assert_one_error_line(bare('evaluate.py'), 'evaluate.py')
+    assert 'no run in result/' in line
+    line = assert_one_error_line(bare('plot_curves.py'), 'plot_curves.py')
+    assert 'no run folders' in line and 'result/' in line
+
+    proc = bare('train.py', *TINY, '--data-dir', cifar_archive, '--iterations', 2,
+                '--eval-every', 1)
+    assert proc.returncode == 0, proc.stderr
+    assert '\033' not in proc.stdout  # no terminal codes when not on a terminal
+    assert '[progress] iteration 1/2' in proc.stdout
+    result = read_json(str(tmp_path / 'result' / 'result.json'))
+
+    proc = bare('evaluate.py')
+    assert proc.returncode == 0, proc.stderr
+    assert 'test error %.2f%% (36-view)' % (100 * result['test_error']) in proc.stdout
+
+    proc = bare('plot_curves.py')
+    assert proc.returncode == 0, proc.stderr
+    for name in ('figure3_error.png', 'figure3_error.pdf', 'figure3_fidelity.png',
+                 'figure3_fidelity.pdf'):
+        assert (tmp_path / 'result' / name).stat().st_size > 0, name
+        assert name in proc.stdout
+
+    (tmp_path / 'afile').write_text('x')
+    proc = bare('plot_curves.py', 'result', '--out', tmp_path / 'afile' / 'fig')
+    line = assert_one_error_line(proc, 'plot_curves.py')
+    assert 'is a file' in line
