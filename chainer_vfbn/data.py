@@ -271,10 +271,33 @@ def load(dataset, data_dir=None):
 # ---------------------------------------------------------------------------
 # Iteration.
 
+class ArrayDataset(object):
+    """Examples ``x`` (any shape after the first axis) with integer labels ``t``,
+    batched by :class:`BatchIterator`: the dataset of your own arrays."""
+
+    def __init__(self, x, t):
+        if len(x) != len(t):
+            raise ValueError('x and t differ in length: %d and %d' % (len(x), len(t)))
+        self.x, self.t = x, numpy.asarray(t, numpy.int32)
+
+    def __len__(self):
+        return len(self.x)
+
+    def get_batch(self, indices):
+        return self.x[indices], self.t[indices]
+
+
 class BatchIterator(chainer.iterators.SerialIterator):
     """:class:`chainer.iterators.SerialIterator` that asks the dataset for a whole
     batch at once (``dataset.get_batch(indices)`` -> ``(x, t)``) instead of one
-    example at a time; order, epochs and snapshots are SerialIterator's."""
+    example at a time; order, epochs and snapshots are SerialIterator's.
+
+    ``BatchIterator(dataset, batch_size, repeat=True, shuffle=None,
+    order_sampler=None)``: without an ``order_sampler`` it shuffles with NumPy's
+    global generator (``numpy.random.seed`` fixes it); give
+    ``chainer.iterators.ShuffleOrderSampler(numpy.random.RandomState(seed))`` for a
+    generator of its own (``train.py`` uses a seeded sampler that a snapshot can
+    resume exactly)."""
 
     def __next__(self):
         self._previous_epoch_detail = self.epoch_detail

@@ -50,8 +50,10 @@ def find_row(method, alpha_gs):
 
 def network_optimizer(link, lr=config.LR, momentum=config.MOMENTUM,
                       weight_decay=config.WEIGHT_DECAY):
-    """MomentumSGD with weight decay (chainer-cifar10's ResNet-110 recipe), every
-    parameter updated at once (:mod:`chainer_vfbn.sgd`)."""
+    """MomentumSGD with weight decay, every parameter updated at once
+    (:mod:`chainer_vfbn.sgd`), set up on ``link``. The defaults are chainer-cifar10's
+    ResNet-110 recipe (lr 0.1, momentum 0.9, weight decay 1e-4); pass your own for
+    another network."""
     opt = sgd.MomentumSGDWeightDecay(lr=lr, momentum=momentum, weight_decay=weight_decay)
     opt.setup(link)
     return opt

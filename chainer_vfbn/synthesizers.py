@@ -32,9 +32,13 @@ def squared_error(a, b):
 
 
 def label_maps(h, y, n_classes=config.N_CLASSES):
-    """``[h, y]``: h with the one-hot label broadcast to ``n_classes`` constant maps."""
+    """``[h, y]``: h with the one-hot label concatenated along the channels; for
+    feature maps ``(B, C, H, W)`` the label is broadcast to ``n_classes`` constant
+    maps, for a vector ``(B, D)`` it is appended as is."""
     xp = chainer.backend.get_array_module(h)
-    onehot = xp.eye(n_classes, dtype=h.dtype)[y]                 # (B, K)
+    onehot = xp.eye(n_classes, dtype=h.dtype)[xp.asarray(y)]     # (B, K)
+    if h.ndim == 2:
+        return F.concat((h, onehot), axis=1)
     maps = xp.broadcast_to(onehot[:, :, None, None],
                            (h.shape[0], n_classes) + h.shape[2:])
     return F.concat((h, maps), axis=1)
@@ -67,12 +71,22 @@ class _JaderbergBase(Synthesizer):
     ``delta / s``. With ``scaled=False`` they regress ``delta`` itself (the literal
     setting, which diverges at the paper's alpha_gs; kept for the ablation)."""
 
-    def __init__(self, scaled=True):
+    def __init__(self, scaled=True, n_classes=config.N_CLASSES):
         super().__init__()
-        self.scaled = scaled
+        self.scaled, self.n_classes = scaled, n_classes
+
+    #: ``h.ndim`` the model is built for: 4 (feature maps) or 2 (vectors).
+    h_ndim = 4
 
     def forward(self, h, y):
-        return self.g(label_maps(h, y))
+        if h.ndim != self.h_ndim:
+            raise ValueError(
+                '%s takes h of %s, got shape %s; use %s' % (
+                    type(self).__name__, 'feature maps (B, C, H, W)' if self.h_ndim == 4
+                    else 'vectors (B, D)', tuple(h.shape),
+                    'JaderbergLinearVector or JaderbergMLP for a vector h' if self.h_ndim == 4
+                    else 'JaderbergLinear or JaderbergResNet for feature maps'))
+        return self.g(label_maps(h, y, self.n_classes))
 
     def to_gradient(self, out, scale):
         return out * scale if self.scaled else out
@@ -86,7 +100,7 @@ class JaderbergLinear(_JaderbergBase):
     initialised to zero (Jaderberg et al. 2016) so that ``delta_hat`` starts at 0."""
 
     def __init__(self, h_channels=64, n_classes=config.N_CLASSES, scaled=True):
-        super().__init__(scaled)
+        super().__init__(scaled, n_classes)
         with self.init_scope():
             self.conv = L.Convolution2D(h_channels + n_classes, h_channels, 5, 1, 2,
                                         initialW=initializers.Zero())
@@ -116,7 +130,7 @@ class JaderbergResNet(_JaderbergBase):
     last conv 3x3 64 -> 64 with no BN and no ReLU, initialised to zero."""
 
     def __init__(self, h_channels=64, n_classes=config.N_CLASSES, width=64, scaled=True):
-        super().__init__(scaled)
+        super().__init__(scaled, n_classes)
         with self.init_scope():
             self.stem = _ConvBNReLU(h_channels + n_classes, width)
             self.res1 = model.ResidualUnit(width, width)
@@ -126,6 +140,45 @@ class JaderbergResNet(_JaderbergBase):
 
     def g(self, hy):
         return self.out(self.res2(self.res1(self.stem(hy))))
+
+
+class JaderbergLinearVector(_JaderbergBase):
+    """Jaderberg's Linear for a vector ``h`` of size ``in_size``: ONE linear map
+    ``[h, onehot(y)] -> delta / s``, initialised to zero."""
+
+    h_ndim = 2
+
+    def __init__(self, in_size, n_classes=config.N_CLASSES, scaled=True):
+        super().__init__(scaled, n_classes)
+        with self.init_scope():
+            self.fc = L.Linear(in_size + n_classes, in_size, initialW=initializers.Zero())
+
+    def g(self, hy):
+        return self.fc(hy)
+
+
+class JaderbergMLP(_JaderbergBase):
+    """The small-ResNet's counterpart for a vector ``h``: an MLP on
+    ``[h, onehot(y)]``, ``layers`` hidden layers of ``hidden`` units, each linear +
+    BN + ReLU (as Jaderberg et al. 2016 use for fully connected networks), then a
+    linear output initialised to zero."""
+
+    h_ndim = 2
+
+    def __init__(self, in_size, hidden=1024, layers=2, n_classes=config.N_CLASSES,
+                 scaled=True):
+        super().__init__(scaled, n_classes)
+        sizes = [in_size + n_classes] + [hidden] * layers
+        with self.init_scope():
+            self.hidden = chainer.ChainList(*[
+                chainer.Sequential(L.Linear(a, b, nobias=True), L.BatchNormalization(b), F.relu)
+                for a, b in zip(sizes, sizes[1:])])
+            self.out = L.Linear(sizes[-1], in_size, initialW=initializers.Zero())
+
+    def g(self, hy):
+        for layer in self.hidden:
+            hy = layer(hy)
+        return self.out(hy)
 
 
 class VirtualForward(chainer.Chain):
@@ -194,25 +247,32 @@ class VFBN(Synthesizer):
 
 
 class LinearVFBN(VFBN):
-    """VFBN with a linear ``v_f(h) = W h`` for a vector ``h`` (eq. 8)."""
+    """VFBN with a linear ``v_f(h) = W h`` for a vector ``h`` (eq. 8); ``bias=True``
+    adds ``+ b``, which leaves eq. 8's gradient form unchanged."""
 
-    def __init__(self, in_size, n_classes=config.N_CLASSES, **kwargs):
-        super().__init__(L.Linear(in_size, n_classes, nobias=True), **kwargs)
+    def __init__(self, in_size, n_classes=config.N_CLASSES, bias=False, **kwargs):
+        super().__init__(L.Linear(in_size, n_classes, nobias=not bias), **kwargs)
+
 
 class _OneHidden(chainer.Chain):
-    def __init__(self, in_size, hidden, n_classes, activation):
+    def __init__(self, in_size, hidden, n_classes, activation, bias):
         super().__init__()
         self.activation = activation
         with self.init_scope():
-            self.l1 = L.Linear(in_size, hidden, nobias=True)
-            self.l2 = L.Linear(hidden, n_classes, nobias=True)
+            self.l1 = L.Linear(in_size, hidden, nobias=not bias)
+            self.l2 = L.Linear(hidden, n_classes, nobias=not bias)
 
     def forward(self, h):
         return self.l2(self.activation(self.l1(h)))
 
 
 class MLPVFBN(VFBN):
-    """VFBN with one hidden layer ``v_f(h) = W2 f(W1 h)`` (eq. 9), ``f = tanh``."""
+    """VFBN with one hidden layer ``v_f(h) = W2 f(W1 h)`` (eq. 9).
 
-    def __init__(self, in_size, hidden, n_classes=config.N_CLASSES, **kwargs):
-        super().__init__(_OneHidden(in_size, hidden, n_classes, F.tanh), **kwargs)
+    ``activation`` is ``f`` (default ``F.tanh``: smooth, so ``f'`` in eq. 9 carries
+    information everywhere); ``bias=True`` gives both layers a bias. Eq. 9 leaves
+    both open; the choice changes what v_f can mimic, so try it on your network."""
+
+    def __init__(self, in_size, hidden, n_classes=config.N_CLASSES, activation=F.tanh,
+                 bias=False, **kwargs):
+        super().__init__(_OneHidden(in_size, hidden, n_classes, activation, bias), **kwargs)

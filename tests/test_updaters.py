@@ -2,9 +2,11 @@
 import chainer_vfbn  # noqa: F401  (compat shim before chainer)
 
 import copy
+import os
 
 import chainer
 import chainer.functions as F
+
 import numpy
 import pytest
 
@@ -230,25 +232,53 @@ class VectorData(object):
         return self.x[idx], self.t[idx]
 
 
-def test_readme_example_decouples_a_vector_network():
-    """The README's "decouple your own network": an MLP split in two, its lower half
-    trained by a one-hidden-layer VFBN (eq. 9), learns a separable problem."""
-    numpy.random.seed(0)
-    lower = chainer.Sequential(chainer.links.Linear(20, 32), F.relu)
-    upper = chainer.Sequential(chainer.links.Linear(32, 32), F.relu, chainer.links.Linear(32, 10))
-    synth = synthesizers.MLPVFBN(32, hidden=16)
-    adam = chainer.optimizers.Adam(alpha=1e-3)
-    adam.setup(synth)
-    updater = updaters.DecoupledUpdater(
-        data.BatchIterator(VectorData(), 32),
-        {'lower': methods.network_optimizer(lower), 'upper': methods.network_optimizer(upper),
-         'synth': adam})
-    before = params(lower)
-    losses = []
-    for _ in range(40):
-        rep, obs = chainer.Reporter(), {}
-        with rep.scope(obs):
-            updater.update()
-        losses.append(float(obs['main/loss'].array))
-    assert numpy.mean(losses[-8:]) < 0.5 * numpy.mean(losses[:8]), losses
-    assert any((params(lower)[k] != v).any() for k, v in before.items())
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      'README.md')
+README_SYNTH = 'synth = synthesizers.MLPVFBN(256, hidden=64, activation=F.tanh, bias=False)'
+
+
+def readme_example():
+    """The Python block of the README's "Decouple your own network", as printed."""
+    with open(README) as f:
+        text = f.read()
+    section = text[text.index('## Decouple your own network'):]
+    start = section.index('```python\n') + len('```python\n')
+    return section[start:section.index('\n```', start)]
+
+
+@pytest.mark.parametrize('synth', [README_SYNTH,
+                                   'synth = synthesizers.JaderbergLinearVector(256)',
+                                   'synth = synthesizers.JaderbergMLP(256, hidden=128)'])
+def test_readme_example_runs_as_printed_for_each_synthesizer_kind(synth):
+    """The README's text, run as is (and with the synthesizer line swapped for each
+    Jaderberg kind): the decoupled MLP learns, and its lower half moves."""
+    code = readme_example()
+    assert README_SYNTH in code
+    scope = {}
+    exec(compile(code.replace(README_SYNTH, synth), 'README.md', 'exec'), scope)
+    log = scope['trainer'].get_extension('LogReport').log
+    assert len(log) == 3
+    losses = [e['main/loss'] for e in log]
+    assert all(numpy.isfinite(losses)) and losses[-1] < 0.5 * losses[0], losses
+    assert scope['synth'].xp is numpy and scope['updater'].iteration == 60
+
+
+def test_jaderberg_feature_map_synthesizers_refuse_a_vector_h():
+    h = numpy.zeros((2, 64), numpy.float32)
+    y = numpy.zeros(2, numpy.int32)
+    for cls in (synthesizers.JaderbergLinear, synthesizers.JaderbergResNet):
+        with pytest.raises(ValueError, match='JaderbergLinearVector or JaderbergMLP'):
+            cls()(h, y)
+    with pytest.raises(ValueError, match='JaderbergLinear or JaderbergResNet'):
+        synthesizers.JaderbergLinearVector(8)(numpy.zeros((2, 8, 3, 3), numpy.float32), y)
+
+
+def test_vector_jaderberg_synthesizers_start_at_zero_on_h_and_onehot():
+    rng = numpy.random.RandomState(0)
+    h = rng.randn(4, 6).astype(numpy.float32)
+    y = numpy.array([1, 0, 9, 1], numpy.int32)
+    hy = synthesizers.label_maps(h, y).array
+    numpy.testing.assert_array_equal(hy, numpy.concatenate([h, numpy.eye(10)[y]], axis=1))
+    for synth in (synthesizers.JaderbergLinearVector(6), synthesizers.JaderbergMLP(6, 8)):
+        out = synth(h, y)
+        assert out.shape == h.shape and not out.array.any()
