@@ -59,7 +59,7 @@ def make_updaters(depth, batch):
     for label, method, alpha in ROWS:
         numpy.random.seed(0)
         it = data.BatchIterator(ds, batch)
-        out[label] = methods.build(method, it, None, units=depth, alpha_gs=alpha).updater
+        out[label] = methods.build(method, iterator=it, depth=depth, alpha_gs=alpha).updater
     return out
 
 

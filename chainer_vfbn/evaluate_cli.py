@@ -116,25 +116,23 @@ def locate(run, snapshot):
 def build_predictor(run_args, device):
     """The predicting network of the run and the trainer-snapshot paths of its parts.
 
-    The network comes from :func:`chainer_vfbn.methods.build` itself, given the run's
-    arguments and an iterator over one blank image (never read), so it is built
-    exactly as in training. Returns ``(predictor, parts)``: ``parts`` lists
-    ``(link, path)``, where a trainer snapshot keeps ``link``'s parameters under
-    ``path``: the ``model:NAME`` of the optimizer whose target it is.
+    The networks come from :func:`chainer_vfbn.methods.build_networks`, given the
+    run's arguments, so they are built exactly as in training. Returns
+    ``(predictor, parts)``: ``parts`` lists ``(link, path)``, where a trainer
+    snapshot keeps ``link``'s parameters under ``path``: the ``model:NAME`` of the
+    optimizer whose target it is.
     """
     get = run_args.get
-    dummy = data.BatchIterator(
-        data.AugmentedDataset(numpy.zeros((1, 3, 32, 32), numpy.uint8), [0]), 1)
     try:
-        setup = methods.build(
-            get('method', 'bp'), dummy, device, get('depth', config.UNITS_PER_BLOCK),
-            get('split'), get('alpha_gs', config.ALPHA_GS),
-            jaderberg_scaled=get('jaderberg_scale', True),
+        nets = methods.build_networks(
+            get('method', 'bp'), depth=get('depth', config.UNITS_PER_BLOCK),
+            split=get('split'), jaderberg_scaled=get('jaderberg_scale', True),
             vfbn_normalized_loss=get('vfbn_normalized_loss', False))
     except ValueError as e:
         raise UsageError('args.json describes no network this version can build (%s)' % e)
-    predictor = setup.predictor
-    owner = {id(opt.target): name for name, opt in setup.updater.get_all_optimizers().items()}
+    predictor = nets.predictor
+    predictor.to_device(device)
+    owner = {id(link): name for name, link in nets.trained.items()}
     if id(predictor) in owner:
         parts = [(predictor, '%smodel:%s/' % (TRAINER_PREFIX, owner[id(predictor)]))]
     else:

@@ -1,4 +1,5 @@
-"""The methods of the paper's Table 1, by name, and how each one is put together.
+"""The methods of the paper's Table 1: the one registry of its rows, and how each
+method is put together, in two explicit steps.
 
 ``bp``                BackProp: the whole ResNet end to end.
 ``bottom``            Bottom half with back prop: the lower half plus a head of v_f's
@@ -9,6 +10,9 @@
 ``jaderberg-resnet``  Jaderberg's small-ResNet synthesizer.
 ``jaderberg-linear``  Jaderberg's Linear synthesizer.
 ``vfbn``              VFBN (ours); ``alpha_gs = 0`` keeps v_f untrained.
+
+:func:`build_networks` makes the networks of a method (all ``evaluate.py`` needs);
+:func:`build_updater` adds the optimizers and the updater that trains them.
 """
 import collections
 
@@ -19,26 +23,32 @@ from chainer_vfbn import config, model, sgd, synthesizers, updaters
 METHODS = ('bp', 'bottom', 'layerwise', 'jaderberg-resnet', 'jaderberg-linear', 'vfbn')
 SYNTHESIZERS = ('jaderberg-resnet', 'jaderberg-linear', 'vfbn')
 
-Row = collections.namedtuple('Row', 'label method alpha_gs paper_error')
+Row = collections.namedtuple('Row', 'label method alpha_gs paper_error slug color linestyle')
 
-#: Table 1 of the paper, in its order: the row's label, our method and alpha_gs,
-#: and the paper's CIFAR-10 test error (%).
+#: Table 1 of the paper, in its order: the row's label, our method and alpha_gs, the
+#: paper's CIFAR-10 test error (%), the folder name of its runs, and its colour and
+#: line style in the figures (the paper's three contenders strong and solid).
 TABLE1 = (
-    Row('BackProp', 'bp', None, 5.15),
-    Row('Bottom half with back prop', 'bottom', None, 5.76),
-    Row('Layer-wise supervised loss', 'layerwise', None, 5.71),
-    Row("Jaderberg's small-ResNet", 'jaderberg-resnet', 1e-3, 20.45),
-    Row("Jaderberg's Linear", 'jaderberg-linear', 1e-3, 15.56),
-    Row('VFBN (alpha_gs = 0)', 'vfbn', 0.0, 5.73),
-    Row('VFBN (alpha_gs = 1e-3)', 'vfbn', 1e-3, 5.51),
+    Row('BackProp', 'bp', None, 5.15, 'bp', 'black', '-'),
+    Row('Bottom half with back prop', 'bottom', None, 5.76, 'bottom', 'tab:gray', '--'),
+    Row('Layer-wise supervised loss', 'layerwise', None, 5.71, 'layerwise', 'tab:olive', '-.'),
+    Row("Jaderberg's small-ResNet", 'jaderberg-resnet', 1e-3, 20.45, 'jaderberg-resnet',
+        'tab:orange', '-'),
+    Row("Jaderberg's Linear", 'jaderberg-linear', 1e-3, 15.56, 'jaderberg-linear',
+        'tab:red', '-'),
+    Row('VFBN (alpha_gs = 0)', 'vfbn', 0.0, 5.73, 'vfbn-0', 'tab:cyan', '--'),
+    Row('VFBN (alpha_gs = 1e-3)', 'vfbn', 1e-3, 5.51, 'vfbn-1e-3', 'tab:blue', '-'),
 )
+#: The rows that decide the paper's claim (VFBN keeps pace with BP, Jaderberg falls
+#: behind), by slug; the table runs them first.
+CLAIM = ('bp', 'vfbn-1e-3', 'jaderberg-linear')
 
 
-def row_argv(row):
-    """``train.py`` arguments that select one Table 1 row."""
-    if row.alpha_gs is None:
-        return ['--method', row.method]
-    return ['--synth', row.method, '--alpha-gs', repr(row.alpha_gs)]
+def row_by_slug(slug):
+    for row in TABLE1:
+        if row.slug == slug:
+            return row
+    raise KeyError(slug)
 
 
 def find_row(method, alpha_gs):
@@ -48,18 +58,17 @@ def find_row(method, alpha_gs):
     return None
 
 
-def network_optimizer(link, lr=config.LR, momentum=config.MOMENTUM,
-                      weight_decay=config.WEIGHT_DECAY):
-    """MomentumSGD with weight decay, every parameter updated at once
-    (:mod:`chainer_vfbn.sgd`), set up on ``link``. The defaults are chainer-cifar10's
-    ResNet-110 recipe (lr 0.1, momentum 0.9, weight decay 1e-4); pass your own for
-    another network."""
-    opt = sgd.MomentumSGDWeightDecay(lr=lr, momentum=momentum, weight_decay=weight_decay)
-    opt.setup(link)
-    return opt
+def row_argv(row):
+    """``train.py`` arguments that select one Table 1 row."""
+    if row.alpha_gs is None:
+        return ['--method', row.method]
+    return ['--synth', row.method, '--alpha-gs', repr(row.alpha_gs)]
 
 
-def make_synthesizer(name, h_channels=64, jaderberg_scaled=True,
+# ---------------------------------------------------------------------------
+# The networks.
+
+def make_synthesizer(name, h_channels=64, *, jaderberg_scaled=True,
                      vfbn_normalized_loss=False):
     if name == 'jaderberg-linear':
         return synthesizers.JaderbergLinear(h_channels, scaled=jaderberg_scaled)
@@ -72,6 +81,78 @@ def make_synthesizer(name, h_channels=64, jaderberg_scaled=True,
                      % (name, ', '.join(SYNTHESIZERS)))
 
 
+class Networks(object):
+    """The networks of one method. ``trained`` maps each optimizer's name to its
+    target (a trainer snapshot keeps that target under ``updater/model:NAME/``);
+    ``predictor`` is the network whose output is the test prediction."""
+
+    def __init__(self, method, trained, predictor):
+        self.method, self.trained, self.predictor = method, trained, predictor
+
+
+def build_networks(method, *, depth=config.UNITS_PER_BLOCK, split=None,
+                   jaderberg_scaled=True, vfbn_normalized_loss=False):
+    """The networks of one Table 1 method, freshly initialised."""
+    if method not in METHODS:
+        raise ValueError('unknown method %r; choose one of: %s' % (method, ', '.join(METHODS)))
+    lower, upper = model.build_resnet(depth, split)
+    h_channels = lower.units[-1].out_ch if len(lower.units) else config.STEM_CHANNELS
+    if method in ('bp', 'bottom'):
+        top = upper if method == 'bp' else synthesizers.VirtualForward(h_channels)
+        net = model.Net(lower, top)
+        return Networks(method, {'main': net}, net)
+    trained = {'lower': lower, 'upper': upper}
+    if method == 'layerwise':
+        trained['head'] = synthesizers.VirtualForward(h_channels)
+    else:
+        trained['synth'] = make_synthesizer(method, h_channels,
+                                            jaderberg_scaled=jaderberg_scaled,
+                                            vfbn_normalized_loss=vfbn_normalized_loss)
+    return Networks(method, trained, model.Net(lower, upper))
+
+
+# ---------------------------------------------------------------------------
+# The optimizers and the updater.
+
+def network_optimizer(link, lr=config.LR, momentum=config.MOMENTUM,
+                      weight_decay=config.WEIGHT_DECAY):
+    """MomentumSGD with weight decay, every parameter updated at once
+    (:mod:`chainer_vfbn.sgd`), set up on ``link``. The defaults are chainer-cifar10's
+    ResNet-110 recipe (lr 0.1, momentum 0.9, weight decay 1e-4); pass your own for
+    another network."""
+    opt = sgd.MomentumSGDWeightDecay(lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt.setup(link)
+    return opt
+
+
+def build_updater(networks, *, iterator, device=None, alpha_gs=config.ALPHA_GS,
+                  lr=config.LR, momentum=config.MOMENTUM, weight_decay=config.WEIGHT_DECAY,
+                  diag_interval=1):
+    """The updater that trains ``networks``, and the optimizers whose learning rate
+    follows the schedule: ``(updater, scheduled)``. The synthesizer's optimizer is
+    Adam with ``alpha = alpha_gs`` (the paper's alpha_gs is Adam's alpha), constant."""
+    if not alpha_gs >= 0:
+        raise ValueError('alpha_gs must be >= 0, got %r' % alpha_gs)
+    method, trained = networks.method, networks.trained
+    opts = {name: network_optimizer(link, lr, momentum, weight_decay)
+            for name, link in trained.items() if name != 'synth'}
+    if method in ('bp', 'bottom'):
+        updater = updaters.BackpropUpdater(iterator, opts['main'], device=device,
+                                           method=method)
+        return updater, [opts['main']]
+    scheduled = [opts['lower'], opts['upper']]
+    if method == 'layerwise':
+        updater = updaters.LayerwiseUpdater(iterator, opts, device=device, method=method,
+                                            diag_interval=diag_interval)
+        return updater, scheduled + [opts['head']]
+    opts['synth'] = optimizers.Adam(alpha=alpha_gs)
+    opts['synth'].setup(trained['synth'])
+    updater = updaters.DecoupledUpdater(
+        iterator, opts, train_synth=alpha_gs > 0, device=device,
+        method='%s (alpha_gs=%g)' % (method, alpha_gs), diag_interval=diag_interval)
+    return updater, scheduled
+
+
 class Setup(object):
     """What a method needs to train: the updater, the network that predicts at test
     time, and the optimizers whose learning rate follows the schedule."""
@@ -80,39 +161,16 @@ class Setup(object):
         self.updater, self.predictor, self.scheduled = updater, predictor, scheduled
 
 
-def build(method, iterator, device, units=config.UNITS_PER_BLOCK, split=None,
+def build(method, *, iterator, device=None, depth=config.UNITS_PER_BLOCK, split=None,
           alpha_gs=config.ALPHA_GS, lr=config.LR, momentum=config.MOMENTUM,
           weight_decay=config.WEIGHT_DECAY, diag_interval=1, jaderberg_scaled=True,
           vfbn_normalized_loss=False):
-    """Build the networks, optimizers and updater of one Table 1 method."""
-    if method not in METHODS:
-        raise ValueError('unknown method %r; choose one of: %s' % (method, ', '.join(METHODS)))
-    if alpha_gs < 0:
-        raise ValueError('alpha_gs must be >= 0, got %r' % alpha_gs)
-    lower, upper = model.build_resnet(units, split)
-    h_channels = lower.units[-1].out_ch if len(lower.units) else config.STEM_CHANNELS
-
-    def net_opt(link):
-        return network_optimizer(link, lr, momentum, weight_decay)
-
-    if method in ('bp', 'bottom'):
-        top = upper if method == 'bp' else synthesizers.VirtualForward(h_channels)
-        net = model.Net(lower, top)
-        opt = net_opt(net)
-        return Setup(updaters.BackpropUpdater(iterator, opt, device, method), net, [opt])
-
-    predictor = model.Net(lower, upper)
-    opts = {'lower': net_opt(lower), 'upper': net_opt(upper)}
-    if method == 'layerwise':
-        opts['head'] = net_opt(synthesizers.VirtualForward(h_channels))
-        updater = updaters.LayerwiseUpdater(iterator, opts, device=device, method=method,
-                                            diag_interval=diag_interval)
-        return Setup(updater, predictor, list(opts.values()))
-
-    synth = make_synthesizer(method, h_channels, jaderberg_scaled, vfbn_normalized_loss)
-    opts['synth'] = optimizers.Adam(alpha=alpha_gs)  # paper: alpha_gs is Adam's alpha
-    opts['synth'].setup(synth)
-    updater = updaters.DecoupledUpdater(
-        iterator, opts, train_synth=alpha_gs > 0, device=device,
-        method='%s (alpha_gs=%g)' % (method, alpha_gs), diag_interval=diag_interval)
-    return Setup(updater, predictor, [opts['lower'], opts['upper']])
+    """:func:`build_networks`, then :func:`build_updater`, as one :class:`Setup`."""
+    networks = build_networks(method, depth=depth, split=split,
+                              jaderberg_scaled=jaderberg_scaled,
+                              vfbn_normalized_loss=vfbn_normalized_loss)
+    updater, scheduled = build_updater(networks, iterator=iterator, device=device,
+                                       alpha_gs=alpha_gs, lr=lr, momentum=momentum,
+                                       weight_decay=weight_decay,
+                                       diag_interval=diag_interval)
+    return Setup(updater, networks.predictor, scheduled)

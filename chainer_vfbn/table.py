@@ -362,10 +362,13 @@ def run_argv(row, seed, common, out):
 
 
 def config_mismatch(recorded, argv):
-    """How a folder's args.json differs from what ``argv`` would run ('' if not)."""
+    """How a folder's args.json differs from what ``argv`` would run ('' if not).
+    An option the run's args.json predates counts as its default."""
     planned = vars(training.parse_args(argv, check_out=False))
-    diffs = ['%s %r there, %r now' % (k, recorded.get(k), v) for k, v in sorted(planned.items())
-             if k not in curves.PER_RUN_KEYS and recorded.get(k) != v]
+    defaults = vars(training.build_parser().parse_args([]))
+    diffs = ['%s %r there, %r now' % (k, recorded.get(k, defaults.get(k)), v)
+             for k, v in sorted(planned.items())
+             if k not in curves.PER_RUN_KEYS and recorded.get(k, defaults.get(k)) != v]
     return '; '.join(diffs)
 
 

@@ -420,10 +420,12 @@ def train(args):
     iterator = data.BatchIterator(train_set, args.batchsize, repeat=True,
                                   order_sampler=SeededShuffle(args.seed))
     try:
-        setup = methods.build(args.method, iterator, device, args.depth, args.split,
-                              args.alpha_gs, args.lr, args.momentum, args.weight_decay,
-                              args.diag_interval, args.jaderberg_scale,
-                              args.vfbn_normalized_loss)
+        setup = methods.build(
+            args.method, iterator=iterator, device=device, depth=args.depth,
+            split=args.split, alpha_gs=args.alpha_gs, lr=args.lr, momentum=args.momentum,
+            weight_decay=args.weight_decay, diag_interval=args.diag_interval,
+            jaderberg_scaled=args.jaderberg_scale,
+            vfbn_normalized_loss=args.vfbn_normalized_loss)
     except ValueError as e:
         raise UsageError(str(e))
     stop = (args.iterations, 'iteration') if args.iterations else (args.epoch, 'epoch')

@@ -64,9 +64,11 @@ def check_finite(method, iteration, **arrays):
                          % (method, iteration, ', '.join(bad) or 'a sum'))
 
 
-class SplitUpdater(StandardUpdater):
-    """Trains ``lower`` with a gradient at h supplied by :meth:`lower_gradient` and
-    ``upper`` by backprop of the task loss from a detached h.
+class _TwoHalves(StandardUpdater):
+    """What the split updaters share: the two halves behind the optimizers
+    ``'lower'`` and ``'upper'``, the upper half's backprop step, the running RMS of
+    delta, and the end of an iteration. The steps themselves are in each
+    subclass's :meth:`update_core`.
 
     Args:
         iterator: yields ``(x, t)`` batches.
@@ -77,7 +79,7 @@ class SplitUpdater(StandardUpdater):
             iterations (0: never).
     """
 
-    def __init__(self, iterator, optimizers, device=None, method='split',
+    def __init__(self, iterator, optimizers, *, device=None, method='split',
                  diag_interval=1, delta_rms_decay=config.DELTA_RMS_DECAY):
         super().__init__(iterator, optimizers, converter=to_device, device=device)
         self.method = method
@@ -100,52 +102,43 @@ class SplitUpdater(StandardUpdater):
             return 1.0
         return backend.get_array_module(self.delta_ms).sqrt(self.delta_ms)
 
-    # -- the three steps -----------------------------------------------------
-    def lower_gradient(self, h, t):
-        """The gradient to send into the lower half at h (an array)."""
-        raise NotImplementedError
+    def next_batch(self):
+        return self.converter(self.get_iterator('main').next(), self.device)
 
-    def after_upper(self, delta, t):
-        """Called with the true delta once the upper half has been updated; returns
-        a dict of further arrays to watch for non-finite values."""
-
-    def update_core(self):
-        iterator = self.get_iterator('main')
-        x, t = self.converter(iterator.next(), self.device)
-
-        # 1-2. Lower half, driven by the gradient that stands in for delta.
-        h = self.lower(x)
-        delta_hat = self.lower_gradient(h.array, t)
+    def backward_lower(self, h, gradient):
+        """Drive the lower half with ``gradient`` at its output ``h``; update it."""
         self.lower.cleargrads()
-        h.grad = delta_hat
+        h.grad = gradient
         h.backward()
         self.get_optimizer('lower').update()
 
-        # 3. Upper half, by backprop from a detached h.
-        h_up = chainer.Variable(h.array)
+    def train_upper(self, h, t):
+        """Backprop of the task loss through the upper half from a fresh Variable on
+        the array ``h``; update it; fold delta into the running RMS ``s`` (SPEC
+        section 3: after each upper-half backward). Returns ``(delta, loss)``."""
+        h_up = chainer.Variable(h)
         logits = self.upper(h_up)
         loss = F.softmax_cross_entropy(logits, t)
         self.upper.cleargrads()
         loss.backward()
         self.get_optimizer('upper').update()
-        delta = h_up.grad
         chainer.report({'main/loss': loss, 'main/accuracy': F.accuracy(logits, t)})
-
+        delta = h_up.grad
         ms = (delta * delta).mean()
         if self.delta_ms is None:
             self.delta_ms = ms
         else:
             self.delta_ms = self.delta_rms_decay * self.delta_ms + (1 - self.delta_rms_decay) * ms
+        return delta, loss
 
-        # 4. Whatever trains the gradient's source.
-        watched = self.after_upper(delta, t) or {}
-        check_finite(self.method, self.iteration + 1, h=h.array, delta_hat=delta_hat,
-                     loss=loss.array, delta=delta, **watched)
-
+    def finish(self, h, delta_hat, delta, **watched):
+        """The end of an iteration: stop on a non-finite value, report the
+        gradient-fidelity diagnostics, start the optimizers' new epoch."""
+        check_finite(self.method, self.iteration + 1, h=h, delta_hat=delta_hat,
+                     delta=delta, **watched)
         if self.diag_interval and (self.iteration + 1) % self.diag_interval == 0:
-            report_fidelity(delta_hat, delta, h.array, self.scale)
-
-        if iterator.is_new_epoch:
+            report_fidelity(delta_hat, delta, h, self.scale)
+        if self.get_iterator('main').is_new_epoch:
             for optimizer in self.get_all_optimizers().values():
                 optimizer.new_epoch(auto=True)
 
@@ -177,55 +170,72 @@ def report_fidelity(delta_hat, delta, h, scale):
     })
 
 
-class DecoupledUpdater(SplitUpdater):
+class DecoupledUpdater(_TwoHalves):
     """Synthetic-gradient training (paper section 2-3, SPEC section 4).
 
-    ``optimizers['synth']`` trains the synthesizer on eq. 3; it is used only when
-    ``train_synth`` is true (``alpha_gs > 0``). With ``alpha_gs = 0`` the
-    synthesizer is never updated (VFBN keeps its random initial ``v_f``).
+    ``optimizers``: ``'lower'``, ``'upper'`` and ``'synth'`` (target: the
+    synthesizer). ``optimizers['synth']`` trains the synthesizer on eq. 3 only when
+    ``train_synth`` is true (``alpha_gs > 0``); otherwise it is never updated (VFBN
+    keeps its random initial ``v_f``).
     """
 
-    def __init__(self, iterator, optimizers, train_synth=True, **kwargs):
+    def __init__(self, iterator, optimizers, *, train_synth=True, **kwargs):
         super().__init__(iterator, optimizers, **kwargs)
         self.train_synth = train_synth
-        self._pending = None
 
     @property
     def synth(self):
         return self.get_optimizer('synth').target
 
-    def lower_gradient(self, h, t):
-        out = self.synth(chainer.Variable(h), t)      # graph kept for eq. 3
-        self._pending = out
-        return self.synth.to_gradient(out.array, self.scale)
+    def update_core(self):
+        x, t = self.next_batch()
 
-    def after_upper(self, delta, t):
-        # s now includes this iteration's delta (SPEC section 3: the running RMS is
-        # updated after each upper-half backward, before the synthesizer learns).
-        out, self._pending = self._pending, None
+        # 1. The lower half's forward pass, keeping its graph.
+        h = self.lower(x)
+
+        # 2. The synthetic gradient at h drives the lower half. The synthesizer sees
+        #    a detached copy of h and keeps its own graph for step 4.
+        out = self.synth(chainer.Variable(h.array), t)
+        delta_hat = self.synth.to_gradient(out.array, self.scale)
+        self.backward_lower(h, delta_hat)
+
+        # 3. The upper half learns by backprop from h; delta is the true gradient
+        #    that reaches h (and updates the running RMS s).
+        delta, loss = self.train_upper(h.array, t)
+
+        # 4. The synthesizer learns eq. 3, ||delta - delta_hat||^2, on step 2's graph
+        #    (it has not changed since).
         e = self.synth.loss(out, delta, self.scale)
         chainer.report({'synth/loss': e})
         if self.train_synth:
             self.synth.cleargrads()
             e.backward()
             self.get_optimizer('synth').update()
-        return {'synth_loss': e.array}
+
+        self.finish(h.array, delta_hat, delta, loss=loss.array, synth_loss=e.array)
 
 
-class LayerwiseUpdater(SplitUpdater):
+class LayerwiseUpdater(_TwoHalves):
     """Table 1 "layer-wise supervised loss": the lower half is trained through an
     auxiliary head (``optimizers['head']``) with its own cross-entropy; the head is
     updated together with the lower half; the upper half learns on the detached h."""
 
-    def lower_gradient(self, h, t):
-        h_in = chainer.Variable(h)
+    def update_core(self):
+        x, t = self.next_batch()
+        h = self.lower(x)
+
+        # The head's loss gives both the head's update and the gradient at h.
         head = self.get_optimizer('head').target
+        h_in = chainer.Variable(h.array)
         aux = F.softmax_cross_entropy(head(h_in), t)
         head.cleargrads()
         aux.backward()
         self.get_optimizer('head').update()
         chainer.report({'head/loss': aux})
-        return h_in.grad
+        self.backward_lower(h, h_in.grad)
+
+        delta, loss = self.train_upper(h.array, t)
+        self.finish(h.array, h_in.grad, delta, loss=loss.array)
 
 
 class BackpropUpdater(StandardUpdater):
@@ -233,7 +243,7 @@ class BackpropUpdater(StandardUpdater):
     logits``) on the task loss, with the same report keys and non-finite watch as
     the split updaters. Table 1's "BackProp" and "bottom half with back prop"."""
 
-    def __init__(self, iterator, optimizer, device=None, method='bp'):
+    def __init__(self, iterator, optimizer, *, device=None, method='bp'):
         super().__init__(iterator, optimizer, converter=to_device, device=device)
         self.method = method
 

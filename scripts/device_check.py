@@ -559,8 +559,8 @@ def timing(args, device, report):
             continue
         try:
             numpy.random.seed(args.seed)
-            setup = methods.build(method, ResidentBatches(batches), device, units=args.depth,
-                                  alpha_gs=alpha_gs)
+            setup = methods.build(method, iterator=ResidentBatches(batches), device=device,
+                                  depth=args.depth, alpha_gs=alpha_gs)
             obs = {}
             with (cupy_tf32() if tf32 else contextlib.nullcontext()):
                 first = timed_update(setup.updater, device, obs)
@@ -612,7 +612,7 @@ def bp_phases(args, device, batches):
     ``done`` close to ``host`` means that phase is bound by the host. Also the number
     of function applications in each phase (device-independent)."""
     numpy.random.seed(args.seed)
-    setup = methods.build('bp', ResidentBatches(batches), device, units=args.depth)
+    setup = methods.build('bp', iterator=ResidentBatches(batches), device=device, depth=args.depth)
     opt = setup.updater.get_optimizer('main')
     net, (x, t) = opt.target, batches[0]
     names = ('forward', 'backward', 'update')
@@ -773,8 +773,8 @@ def changes(args, device, report):
             with contextlib.ExitStack() as stack:
                 for patch in replaced:
                     stack.enter_context(patch())
-                setup = methods.build(method, ResidentBatches(batches), device,
-                                      units=args.depth, alpha_gs=1e-3)
+                setup = methods.build(method, iterator=ResidentBatches(batches), device=device,
+                                      depth=args.depth, alpha_gs=1e-3)
             runs[key] = {'updater': setup.updater, 'replaced': replaced, 'times': [],
                          'obs': {}}
         except Exception as e:
@@ -1032,7 +1032,7 @@ def all_methods(args, device, report):
         try:
             numpy.random.seed(args.seed)
             it = data.BatchIterator(data.AugmentedDataset(images, labels), args.batch)
-            setup = methods.build(row.method, it, device, units=args.depth, alpha_gs=alpha)
+            setup = methods.build(row.method, iterator=it, device=device, depth=args.depth, alpha_gs=alpha)
             obs = {}
             for _ in range(args.steps):
                 times.append(timed_update(setup.updater, device, obs))

@@ -52,8 +52,8 @@ def main():
     res, text = {}, io.StringIO()
     for name, method, alpha in (('bp', 'bp', 0.0), ('vfbn', 'vfbn', 1e-3)):
         numpy.random.seed(0)
-        up = methods.build(method, ResidentBatches(batches), device, units=args.depth,
-                           alpha_gs=alpha).updater
+        up = methods.build(method, iterator=ResidentBatches(batches), device=device,
+                           depth=args.depth, alpha_gs=alpha).updater
         steps(up, device, 3)
         for tc in (True, False):
             with chainer.using_config('type_check', tc):

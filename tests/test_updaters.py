@@ -180,7 +180,7 @@ def test_non_finite_synthetic_gradient_stops_with_a_clear_message():
 
 def test_layerwise_lower_gradient_is_the_heads_loss_gradient():
     with chainer.using_config('dtype', F64):
-        setup = methods.build('layerwise', batch_iterator(dtype=F64), None, units=1,
+        setup = methods.build('layerwise', iterator=batch_iterator(dtype=F64), depth=1,
                               weight_decay=0)
     upd = setup.updater
     lower, head = upd.lower, upd.get_optimizer('head').target
