@@ -134,7 +134,7 @@ def markdown(res):
              '%.0f views/s (target: >= 50,000).' % res['data_views_per_s'], '']
     for st in res['steps']:
         lines += ['## Step time, %d units per block (%d layers), batch %d, median of %d'
-                  % (st['depth'], 6 * st['depth'] + 2, st['batch'], st['repeats']), '',
+                  % (st['depth'], model.layer_count(st['depth']), st['batch'], st['repeats']), '',
                   '| method | step (s) | / backprop | synthesizer forward (s) | eq. 3 backward (s) |',
                   '|---|---|---|---|---|']
         for label, _, _ in ROWS:

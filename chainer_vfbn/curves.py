@@ -26,7 +26,7 @@ import sys
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from chainer_vfbn import config, methods
+from chainer_vfbn import config, methods, model
 from chainer_vfbn import runs as runs_module
 
 EXIT_BAD_INPUT = runs_module.EXIT_BAD_INPUT
@@ -34,17 +34,6 @@ EXIT_BAD_INPUT = runs_module.EXIT_BAD_INPUT
 DATASET_NAMES = {'cifar10': 'CIFAR-10', 'fashion-mnist': 'Fashion-MNIST'}
 TRAIN_SIZES = {'cifar10': 50000, 'fashion-mnist': 60000}  # images in each training set
 
-#: Colour and line style of each Table 1 row, by (method, alpha_gs) as in TABLE1:
-#: the paper's three contenders (BP, Jaderberg, VFBN) in strong colours, solid.
-STYLES = {
-    ('bp', None): ('black', '-'),
-    ('bottom', None): ('tab:gray', '--'),
-    ('layerwise', None): ('tab:olive', '-.'),
-    ('jaderberg-resnet', 1e-3): ('tab:orange', '-'),
-    ('jaderberg-linear', 1e-3): ('tab:red', '-'),
-    ('vfbn', 0.0): ('tab:cyan', '--'),
-    ('vfbn', 1e-3): ('tab:blue', '-'),
-}
 OTHER_STYLE = ('tab:purple', ':')
 VARIANT_STYLES = ('-', '--', '-.', ':')
 
@@ -221,7 +210,8 @@ def describe(runs):
 
 def network_name(depth):
     """'ResNet-110 (18 units per block)': 6n+2 weighted layers for n units."""
-    return 'ResNet-%d (%d unit%s per block)' % (6 * depth + 2, depth, 's' if depth > 1 else '')
+    return 'ResNet-%d (%d unit%s per block)' % (model.layer_count(depth), depth,
+                                                's' if depth > 1 else '')
 
 
 def x_label(unit):
@@ -240,7 +230,8 @@ def _draw(ax, label, runs, key, unit, variant=0, scale=1.0):
     """One row's line (mean over seeds), its min-max band, and an x where a run
     diverged. ``variant`` > 0 (another configuration of the same row) changes the
     line style. A group that never logged ``key`` still gets its legend entry."""
-    color, style = STYLES.get(runs[0].row_key, OTHER_STYLE)
+    row = runs[0].row
+    color, style = (row.color, row.linestyle) if row else OTHER_STYLE
     if variant:
         style = VARIANT_STYLES[(VARIANT_STYLES.index(style) + variant) % len(VARIANT_STYLES)]
     series = [[(x, scale * v) for x, v in r.series(key, unit)] for r in runs]

@@ -73,6 +73,19 @@ def paper_split(n=config.UNITS_PER_BLOCK):
     return n + int(math.ceil(n / 2.0))
 
 
+def layer_count(n=config.UNITS_PER_BLOCK):
+    """Weighted layers of the network with ``n`` units per block: conv1, 2 convs per
+    unit, fc (110 for n = 18)."""
+    return 6 * n + 2
+
+
+def split_name(n, split=None):
+    """Where the network is cut, in words."""
+    if split is None:
+        return 'after unit %d of ResBlock-2' % (paper_split(n) - n)
+    return 'before unit index %d' % split
+
+
 class Lower(chainer.Chain):
     """conv1 (+ BN + ReLU) and residual units ``[0, split)``: x -> h."""
 

@@ -31,22 +31,8 @@ import sys
 import threading
 import time
 
-from chainer_vfbn import curves, methods, training
+from chainer_vfbn import curves, methods, model, training
 from chainer_vfbn import runs as run_folders
-
-#: A stable folder name for each Table 1 row, by (method, alpha_gs) as in TABLE1.
-SLUGS = {
-    ('bp', None): 'bp',
-    ('bottom', None): 'bottom',
-    ('layerwise', None): 'layerwise',
-    ('jaderberg-resnet', 1e-3): 'jaderberg-resnet',
-    ('jaderberg-linear', 1e-3): 'jaderberg-linear',
-    ('vfbn', 0.0): 'vfbn-0',
-    ('vfbn', 1e-3): 'vfbn-1e-3',
-}
-#: The rows that decide the paper's claim (VFBN keeps pace with BP, Jaderberg falls
-#: behind): each seed runs them first, so a partial table already answers it.
-CLAIM_SLUGS = ('bp', 'vfbn-1e-3', 'jaderberg-linear')
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         'train.py')
@@ -59,17 +45,6 @@ THREAD_VARIABLES = ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = run_folders.EXIT_BAD_INPUT
 EXIT_INTERRUPTED = run_folders.EXIT_INTERRUPTED
-
-
-def slug(row):
-    return SLUGS[(row.method, row.alpha_gs)]
-
-
-def row_by_slug(name):
-    for row in methods.TABLE1:
-        if slug(row) == name:
-            return row
-    raise KeyError(name)
 
 
 # ---------------------------------------------------------------------------
@@ -148,9 +123,8 @@ def versions(args):
 FACTS = (
     ('dataset', lambda r: curves.DATASET_NAMES.get(r.args['dataset'], r.args['dataset'])),
     ('network', lambda r: '%s, split %s' % (
-        curves.network_name(r.args['depth']),
-        'after unit %d of ResBlock-2' % -(-r.args['depth'] // 2)
-        if r.args.get('split') is None else 'before unit index %s' % r.args['split'])),
+        curves.network_name(r.args['depth']), model.split_name(r.args['depth'],
+                                                               r.args.get('split')))),
     ('budget', lambda r: budget(r.args, r.train_images)),
     ('test error', lambda r: test_error_fact(r.args)),
     ('machine', lambda r: machine(r.args)),
@@ -247,14 +221,14 @@ def paired_lines(present):
     finished = [r for r in present if r.status == 'finished']
     by_slug = {}
     for r in finished:
-        by_slug.setdefault(slug(r.row), {})[_pairing_key(r)] = r
+        by_slug.setdefault(r.row.slug, {})[_pairing_key(r)] = r
     rows = []
     for a, b in PAIRED:
         keys = sorted(set(by_slug.get(a, {})) & set(by_slug.get(b, {})))
         if not keys:
             continue
         pairs = [(by_slug[a][k], by_slug[b][k]) for k in keys]
-        cells = ['%s − %s' % (row_by_slug(a).label, row_by_slug(b).label),
+        cells = ['%s − %s' % (methods.row_by_slug(a).label, methods.row_by_slug(b).label),
                  '%d (%s)' % (len(pairs), ', '.join(str(x.args['seed']) for x, _ in pairs))]
         for key in ('test_error_single', 'test_error'):
             diffs = [100.0 * (x.result[key] - y.result[key]) for x, y in pairs
@@ -344,10 +318,10 @@ def write_report(root, run_dirs=None):
 
 def plan(seeds, slugs=None, claim_seeds=None):
     """``[(seed, row)]`` in running order: the rows that decide the paper's claim
-    (:data:`CLAIM_SLUGS`) for each of ``claim_seeds`` (default: ``seeds``), then the
+    (:data:`chainer_vfbn.methods.CLAIM`) for each of ``claim_seeds`` (default: ``seeds``), then the
     other rows, in Table 1 order, for each of ``seeds``."""
-    chosen = [row for row in methods.TABLE1 if slugs is None or slug(row) in slugs]
-    first = [row for s in CLAIM_SLUGS for row in chosen if slug(row) == s]
+    chosen = [row for row in methods.TABLE1 if slugs is None or row.slug in slugs]
+    first = [row for s in methods.CLAIM for row in chosen if row.slug == s]
     rest = [row for row in chosen if row not in first]
     claim_seeds = seeds if claim_seeds is None else claim_seeds
     if claim_seeds == seeds:  # each seed's claim rows, then its other rows
@@ -406,9 +380,9 @@ class Runner(object):
 
     def run_one(self, step, total, seed, row):
         """Train (or skip, or resume) one run; returns its final status."""
-        out = os.path.join(self.root, slug(row), 'seed%d' % seed)
+        out = os.path.join(self.root, row.slug, 'seed%d' % seed)
         argv = run_argv(row, seed, self.common, out) + ['--threads', str(self.threads)]
-        name = '%d/%d seed %d %s (%s)' % (step, total, seed, slug(row), row.label)
+        name = '%d/%d seed %d %s (%s)' % (step, total, seed, row.slug, row.label)
         args_file = os.path.join(out, 'args.json')
         if os.path.exists(args_file):
             mismatch = config_mismatch(curves.load_run(out).args, argv)
@@ -481,7 +455,7 @@ def run_table(root, seeds, slugs, common, jobs=1, claim_seeds=None):
     runner = Runner(root, common, jobs)
     runner.say('%d runs (%s) into %s, %d at a time with %d BLAS thread(s) each; '
                'train.py arguments shared by all: %s'
-               % (len(steps), ', '.join('seed %d %s' % (s, slug(r)) for s, r in steps),
+               % (len(steps), ', '.join('seed %d %s' % (s, r.slug) for s, r in steps),
                   root, jobs, runner.threads, ' '.join(common) or '(none)'))
     stop = threading.Event()
 
@@ -545,8 +519,8 @@ def build_parser():
                    help='train.py --seed of each run (default: 0)')
     r.add_argument('--claim-seeds', type=int, nargs='+', default=None, metavar='SEED',
                    help='seeds of the rows that decide the claim (%s), run first '
-                        '(default: --seeds)' % ', '.join(CLAIM_SLUGS))
-    slugs = [slug(row) for row in methods.TABLE1]
+                        '(default: --seeds)' % ', '.join(methods.CLAIM))
+    slugs = [row.slug for row in methods.TABLE1]
     r.add_argument('--rows', nargs='+', choices=slugs, default=None, metavar='ROW',
                    help='run only these rows (default: all seven): %s' % ', '.join(slugs))
     r.add_argument('--jobs', type=positive_int, default=1, metavar='N',

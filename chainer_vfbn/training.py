@@ -19,7 +19,7 @@ import chainer
 import numpy
 from chainer.training import extensions
 
-from chainer_vfbn import config, data, methods, runs, updaters
+from chainer_vfbn import config, data, methods, model, runs, updaters
 from chainer_vfbn.evaluation import TestErrorEvaluator, final_test_errors
 from chainer_vfbn.runs import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED,  # noqa: F401
                                UsageError)
@@ -397,8 +397,7 @@ def header(args, device, train, test_images):
         '# method %s%s, depth %d units/block (%d layers), split %s'
         % (args.method,
            ', alpha_gs %g' % args.alpha_gs if args.method in methods.SYNTHESIZERS else '',
-           args.depth, 6 * args.depth + 2,
-           args.split if args.split is not None else 'middle of ResBlock-2'),
+           args.depth, model.layer_count(args.depth), model.split_name(args.depth, args.split)),
         '# data %s: %d images x 36 views = %d training examples, %d test images, %d-view test error'
         % (args.dataset, len(train.images), len(train), len(test_images), args.eval_views),
         '# device %s, batch %d, %s, seed %d, out %s'
