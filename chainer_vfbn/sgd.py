@@ -11,7 +11,7 @@ parameters become views into it (and so do the velocities), the gradients are
 gathered by one concatenation, and one elementwise kernel (six NumPy operations on
 the CPU) updates all of them. On the CPU the result is bit-identical to Chainer's
 optimizer with the hook (tested). On a GPU the kernel evaluates the same expressions
-as Chainer's two kernels, and ``scripts/device_check.py`` compares the two there.
+as Chainer's two kernels, and ``benchmarks/device_check`` compares the two there.
 Unlike Chainer's hook it leaves ``param.grad`` as backward made it.
 
 As in Chainer, a parameter whose ``update_rule`` is disabled (``disable_update()``)

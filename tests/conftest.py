@@ -33,7 +33,7 @@ import chainer_vfbn  # noqa: E402,F401  (the shim must precede `import chainer`)
 
 # ---------------------------------------------------------------------------
 # Devices: a check function run on the CPU and, marked ``gpu``, on GPU 0 (skipped
-# without CuPy and a GPU; ``scripts/device_check.py`` is the GPU machine's check).
+# without CuPy and a GPU; ``benchmarks/device_check`` is the GPU machine's check).
 
 def _gpu_problem():
     """Why CuPy cannot run on GPU 0 (a sentence), or None when it can."""

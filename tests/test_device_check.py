@@ -1,12 +1,13 @@
-"""scripts/device_check.py on a machine without a GPU (the development and CI machines).
+"""benchmarks/device_check on a machine without a GPU (the development and CI machines).
 
-On the lent GPU machine the script compares the GPU with the CPU, times the methods
+On the lent GPU machine the check compares the GPU with the CPU, times the methods
 and runs a PyTorch reference; here it must (1) notice that there is no CuPy/GPU, say
 so in one line, write nothing and exit 0, and (2) with ``--device @numpy`` run every
 section on the CPU, where the "GPU" side is a second CPU copy of the same weights,
 so the numerics must agree exactly. PyTorch is not needed: without it that section
 records that it was skipped.
 """
+import importlib
 import importlib.util
 import json
 import os
@@ -19,11 +20,23 @@ import pytest
 from chainer_vfbn import methods
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO_ROOT, 'scripts', 'device_check.py')
+# A folder with __main__.py, run as `python benchmarks/device_check`; its modules
+# import each other by bare name (common, numerics, timing, changes, torch_ref, ...).
+SCRIPT = os.path.join(REPO_ROOT, 'benchmarks', 'device_check')
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location('device_check', SCRIPT)
+def load(name):
+    """One of the device check's modules (imported on first use: importing it sets
+    CUPY_TF32 and CHAINER_CUDNN, as running the check does)."""
+    if SCRIPT not in sys.path:
+        sys.path.insert(0, SCRIPT)
+    return importlib.import_module(name)
+
+
+def load_main():
+    """The check's ``__main__.py`` as a module (``main(argv)``, ``parse_args``)."""
+    spec = importlib.util.spec_from_file_location('device_check_main',
+                                                  os.path.join(SCRIPT, '__main__.py'))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -88,9 +101,9 @@ def test_dry_run_on_cpu_runs_every_section(tmp_path):
     assert all(0 < r['host_ms'] <= r['done_ms'] for r in phases.values())
     # Each speed-up against the code it replaced: every run timed, every ratio there,
     # and on the CPU the one-kernel optimizer equals Chainer's exactly.
-    changes, device_check = sections['changes'], load_script()
-    assert set(changes['results']) == {key for key, _, _ in device_check.CHANGE_RUNS}
-    assert set(changes['ratios']) == {name for name, _, _ in device_check.CHANGE_RATIOS}
+    changes, changes_module = sections['changes'], load('changes')
+    assert set(changes['results']) == {key for key, _, _ in changes_module.CHANGE_RUNS}
+    assert set(changes['ratios']) == {name for name, _, _ in changes_module.CHANGE_RATIOS}
     assert all(0 < r['q1'] <= r['median'] <= r['q3'] for r in changes['ratios'].values())
     agreement = changes['optimizer_agreement']
     assert agreement['max_abs'] == 0 and agreement['values_differing'] == 0 and agreement['passed']
@@ -128,11 +141,11 @@ def test_spent_budget_skips_sections_but_still_reports(tmp_path):
 
 
 def test_failing_section_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch):
-    dc = load_script()
+    dc = load_main()
 
     def broken(args, device, report):
         raise ValueError('injected failure')
-    monkeypatch.setattr(dc, 'timing', broken)
+    monkeypatch.setattr(load('timing'), 'timing', broken)   # main looks it up when it runs
     assert dc.main(['--out', str(tmp_path), '--device', '@numpy', '--quick',
                     '--batch', '4', '--sections', 'timing,data']) == 0
     report = json.loads((tmp_path / 'device_check.json').read_text())
@@ -143,7 +156,7 @@ def test_failing_section_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch
 
 
 def test_normwise_errors_and_tolerances():
-    dc = load_script()
+    dc = load('numerics')
     ref = {'logits': numpy.array([1.0, -2.0]),
            'grad lower/conv1/W': numpy.array([0.1, -0.2]),
            'grad lower/conv1/b': numpy.array([1e-9, 0.0]),   # zero in exact arithmetic
@@ -167,7 +180,7 @@ def test_normwise_errors_and_tolerances():
 
 def test_torch_reference_is_the_chainer_network():
     pytest.importorskip('torch')
-    dc = load_script()
+    dc = load('torch_ref')
     import torch
     same = dc.torch_same_network(torch, depth=1, batch=4, seed=0)
     assert same['logits_err'] < 1e-12 and same['loss_err'] < 1e-12

@@ -1,27 +1,27 @@
 #!/usr/bin/env bash
-# Gather the wheels that scripts/device_check.py and the GPU tests need on the lent
+# Gather the wheels that benchmarks/device_check and the GPU tests need on the lent
 # GPU machine.
 #
-# That machine (Python 3.12, NumPy 2.5, CuPy 14, PyTorch; see ../shared/COMPAT.md,
-# "CuPy") has no network and no Chainer. Chainer 7.8.1 is pure Python, but PyPI has
-# only its sdist, whose setup.py imports pkg_resources (gone in setuptools >= 82):
+# That machine (Python 3.12, NumPy 2.5, CuPy 14, PyTorch; see docs/GPU.md) has no
+# network and no Chainer. Chainer 7.8.1 is pure Python, but PyPI has only its sdist,
+# whose setup.py imports pkg_resources (gone in setuptools >= 82; docs/CHAINER_TODAY.md):
 # build the wheel here without build isolation, in a Python whose setuptools is < 82
 # (the project's .venv has 81), or reuse a wheel already built into .wheels/. Its
 # three import-time dependencies come as py3 wheels from PyPI. Everything lands in
 # .whl/ (git-ignored), one version of each, ready for
 #   pip install --no-index --no-deps --target /tmp/site .whl/*.whl
 #
-# Usage: scripts/build_device_wheels.sh [PYTHON]   (default: .venv/bin/python)
+# Usage: benchmarks/build_device_wheels.sh [PYTHON]   (default: .venv/bin/python)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 PY=${1:-.venv/bin/python}
 OUT=.whl
 CHAINER=chainer==7.8.1
-# Pure-Python dependencies Chainer needs at import (COMPAT.md), then pytest and its
-# own, for the GPU twins of the tests (`pytest -m gpu`); versions pinned so that
-# reruns give the same files (those of the project .venv, where they are known to
-# work). All support Python 3.12.
+# Pure-Python dependencies Chainer needs at import, then pytest and its own, for the
+# GPU twins of the tests (`pytest -m gpu`); versions pinned so that reruns give the
+# same files (those of the project .venv, where they are known to work). All support
+# Python 3.12.
 DEPS=(six==1.17.0 filelock==4.3.1 typing-extensions==4.16.0
       pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 packaging==26.4 pygments==2.21.0)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where a GPU training step's time goes (issue: make the GPU step fast).
 
-    PYTHONPATH=/tmp/site:$PWD python3 scripts/gpu_profile.py --out $OUT
+    PYTHONPATH=/tmp/site:$PWD python3 benchmarks/gpu_profile.py --out $OUT
 
 For BP and VFBN (alpha_gs = 1e-3) at full depth, batch 128, batches on the device:
 the median synchronised step time with Chainer's defaults, then with
@@ -18,14 +18,15 @@ import os
 import pstats
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+# The repository root (for chainer_vfbn) and the device check's modules.
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), os.path.join(HERE, 'device_check')]
 
-# The device check's helpers (importing it also sets CUPY_TF32=0, so both scripts
+# The device check's helpers (importing them also sets CUPY_TF32=0, so both tools
 # time the same fp32 kernels).
-from device_check import ResidentBatches, summarize_times, timed_update  # noqa: E402
+from timing import ResidentBatches, summarize_times, timed_update  # noqa: E402
 
-import chainer  # noqa: E402  (after chainer_vfbn, which device_check imports first)
+import chainer  # noqa: E402  (after chainer_vfbn, which the device check imports first)
 import numpy  # noqa: E402
 
 from chainer_vfbn import methods  # noqa: E402

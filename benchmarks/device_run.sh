@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
 # Everything to do on the lent GPU machine, in one call (after
-# scripts/build_device_wheels.sh here): install Chainer and pytest from .whl/ into a
+# benchmarks/build_device_wheels.sh here): install Chainer and pytest from .whl/ into a
 # temporary folder, run the device check, then the GPU twins of the tests. Writes
 # OUT/device_check.{json,md,log} and OUT/gpu_tests.txt.
 #
-# Usage: scripts/device_run.sh OUT [device_check.py options...]
+# Usage: benchmarks/device_run.sh OUT [device_check options...]
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
-OUT=${1:?usage: scripts/device_run.sh OUT [device_check.py options...]}
+OUT=${1:?usage: benchmarks/device_run.sh OUT [device_check options...]}
 shift
 SITE=${SITE:-/tmp/site}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$SITE" .whl/*.whl || { echo "error: cannot install .whl/*.whl" >&2; exit 1; }
 export PYTHONPATH=$SITE:$PWD CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-/tmp/cupy}
-python3 -u scripts/device_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/device_check.log"
+python3 -u benchmarks/device_check --out "$OUT" "$@" 2>&1 | tee "$OUT/device_check.log"
 check=${PIPESTATUS[0]}
 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_sgd.py tests/test_synthesizers.py \
     2>&1 | tee "$OUT/gpu_tests.txt"
