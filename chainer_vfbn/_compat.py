@@ -1,7 +1,7 @@
 """Make Chainer 7.8.1 import and run on today's Python and NumPy.
 
 Chainer's last release (7.8.1, 2020) predates NumPy 2, Python 3.12 and the removal
-of ``pkg_resources`` from setuptools. Four things break (``../shared/COMPAT.md``):
+of ``pkg_resources`` from setuptools. Four things break (``docs/CHAINER_TODAY.md``):
 
 1. ``numpy.sctypes`` (gone in NumPy 2.0) is read by ``functions/array/as_strided.py``.
 2. ``numpy.float`` (gone in NumPy 1.24) is used by ``functions/array/resize_images.py``.

@@ -1,6 +1,6 @@
 """Every default of the reproduction in one place, each with where it comes from.
 
-"paper" is Miyato et al. 2017 (``../shared/paper``), "cifar10" is the 2016 state of
+"paper" is Miyato et al. 2017 (cited in the README), "cifar10" is the 2016 state of
 mitmul/chainer-cifar10 that the paper's appendix points to, "choice" is ours, made
 where both are silent and written down in SPEC.md and the README.
 """

@@ -6,7 +6,6 @@ one entry per evaluation), snapshots of the trainer (``snapshot_iter_N``) and of
 predicting network (``model_iter_N.npz``, ``model.npz`` at the end), and
 ``result.json`` (status and final test errors), written last and atomically.
 """
-import argparse
 import math
 import os
 import shlex
@@ -19,250 +18,13 @@ import chainer
 import numpy
 from chainer.training import extensions
 
-from chainer_vfbn import config, data, methods, model, runs, updaters
+from chainer_vfbn import arguments, config, data, methods, model, runs, updaters
 from chainer_vfbn.evaluation import TestErrorEvaluator, final_test_errors
-from chainer_vfbn.runs import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED,  # noqa: F401
-                               UsageError)
-
-#: Options a resumed run may change: where and how it runs, not what it computes.
-#: (The thread count can change the last bits of the numbers; it is recorded.)
-RESUME_MAY_CHANGE = ('resume', 'out', 'overwrite', 'progress', 'progress_every', 'device',
-                     'gpu', 'data_dir', 'threads')
-#: The stopping point, which a resumed run may extend.
-STOPPING = ('iterations', 'epoch')
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """Shows an option's default where it has one (not "(default: None)")."""
-
-    def _get_help_string(self, action):
-        text = action.help or ''
-        if '%(default)' not in text and action.default not in (None, False, argparse.SUPPRESS) \
-                and action.option_strings and 'default' not in text:
-            text += ' (default: %(default)s)'
-        return text
-
-
-def build_parser():
-    p = argparse.ArgumentParser(
-        description='Train ResNet-110 (the paper\'s variant) on CIFAR-10 with one of '
-                    'the methods of Table 1 (Miyato et al. 2017).',
-        formatter_class=HelpFormatter)
-    g = p.add_argument_group('method')
-    g.add_argument('--method', choices=methods.METHODS, default=None,
-                   help='Table 1 method (default: bp)')
-    g.add_argument('--synth', choices=methods.SYNTHESIZERS, default=None,
-                   help='synthetic-gradient method: the same as --method NAME')
-    g.add_argument('--alpha-gs', type=float, default=config.ALPHA_GS,
-                   help="Adam's alpha for the synthesizer (0: never trained)")
-    g.add_argument('--no-jaderberg-scale', dest='jaderberg_scale', action='store_false',
-                   help='Jaderberg synthesizers regress delta itself, not delta / s '
-                        '(SPEC section 3; diverges at the paper\'s alpha_gs)')
-    g.add_argument('--vfbn-normalized-loss', action='store_true',
-                   help='divide VFBN\'s eq. 3 loss by s^2')
-    g.add_argument('--diag-interval', type=int, default=1,
-                   help='report gradient-fidelity diagnostics every N iterations (0: off)')
-
-    g = p.add_argument_group('network')
-    g.add_argument('--depth', type=int, default=config.UNITS_PER_BLOCK,
-                   help='residual units per block (18 = ResNet-110)')
-    g.add_argument('--split', type=int, default=None,
-                   help='index of the first upper unit (default: middle of ResBlock-2)')
-
-    g = p.add_argument_group('data')
-    g.add_argument('--dataset', choices=data.DATASETS, default='cifar10')
-    g.add_argument('--data-dir', default=None,
-                   help='cifar10: cifar-10-python.tar.gz or its folder (default: Chainer '
-                        'downloads it); fashion-mnist: folder of the four idx .gz files')
-    g.add_argument('--train-images', type=int, default=None,
-                   help='use only the first N training images (x36 views)')
-    g.add_argument('--test-images', type=int, default=None,
-                   help='use only the first N test images (the final centre-view error '
-                        'is over all of them)')
-    g.add_argument('--eval-images', type=int, default=None,
-                   help='evaluations during training use the first N test images '
-                        '(default: all of them)')
-    g.add_argument('--tta-images', type=int, default=None,
-                   help='the final 36-view error is over the first N test images and '
-                        'the centre-view error over all (default: both over all; '
-                        'with --eval-views 1, centre view only)')
-
-    g = p.add_argument_group('optimisation')
-    g.add_argument('--batchsize', '-b', type=int, default=config.BATCHSIZE)
-    g.add_argument('--epoch', '-e', type=float, default=config.EPOCHS,
-                   help='epochs over the 36x augmented set')
-    g.add_argument('--iterations', type=int, default=None,
-                   help='stop after N iterations instead (for short runs)')
-    g.add_argument('--lr', type=float, default=config.LR)
-    g.add_argument('--momentum', type=float, default=config.MOMENTUM)
-    g.add_argument('--weight-decay', type=float, default=config.WEIGHT_DECAY)
-    g.add_argument('--lr-drop-every', type=float, default=config.LR_DROP_EVERY,
-                   help='multiply the lr by 0.1 every this many epochs')
-    g.add_argument('--lr-drops', type=int, nargs='+', default=None, metavar='ITER',
-                   help='multiply the lr by 0.1 after these iterations instead of '
-                        '--lr-drop-every (for runs sized in iterations)')
-    g.add_argument('--seed', type=int, default=0)
-    g.add_argument('--threads', type=int, default=default_threads(),
-                   help='BLAS/OpenMP threads (results are bit-for-bit repeatable for '
-                        'one thread count; default: the CPUs this process may use)')
-
-    g = p.add_argument_group('run')
-    g.add_argument('--device', '-d', default=None,
-                   help='Chainer device specifier (@numpy, @cupy:0, ...)')
-    g.add_argument('--gpu', '-g', type=int, default=None,
-                   help='GPU id (the same as --device @cupy:ID; negative: CPU)')
-    g.add_argument('--out', '-o', default=runs.DEFAULT_OUT,
-                   help='output folder; it must not hold another run')
-    g.add_argument('--overwrite', action='store_true',
-                   help='start over in an --out that holds a run, deleting its files')
-    g.add_argument('--resume', '-r', default=None, metavar='RUN_DIR_OR_SNAPSHOT',
-                   help='continue a run from its folder (its latest snapshot) or from one '
-                        'snapshot; its arguments come from its args.json, and only the '
-                        'stopping point (--iterations, --epoch) may be extended')
-    g.add_argument('--eval-views', type=int, choices=(1, config.N_VIEWS),
-                   default=config.EVAL_VIEWS,
-                   help='36: the paper\'s averaged test error; 1: centre view only')
-    g.add_argument('--eval-every', type=int, default=None,
-                   help='evaluate and log every N iterations (default: every epoch)')
-    g.add_argument('--snapshot-every', type=int, default=None,
-                   help='trainer snapshot every N iterations (default: every epoch)')
-    g.add_argument('--progress', action=argparse.BooleanOptionalAction, default=None,
-                   help='progress bar (default: when printing to a terminal; otherwise '
-                        'a plain line every --progress-every seconds)')
-    g.add_argument('--progress-every', type=float, default=60.0, metavar='SECONDS',
-                   help='without a progress bar, print a progress line this often')
-    return p
-
-
-def validate(args):
-    """Check every value before anything is loaded or written (UsageError)."""
-    if args.method and args.synth and args.method != args.synth:
-        raise UsageError('--method %s and --synth %s disagree: give one'
-                         % (args.method, args.synth))
-    args.method = args.method or args.synth or 'bp'
-    for name in ('alpha_gs', 'epoch', 'lr', 'momentum', 'weight_decay', 'lr_drop_every',
-                 'progress_every'):
-        if not runs.finite(getattr(args, name)):
-            raise UsageError('--%s must be a finite number, got %r'
-                             % (name.replace('_', '-'), getattr(args, name)))
-    for name in ('depth', 'batchsize', 'train_images', 'test_images', 'eval_images',
-                 'tta_images', 'iterations', 'eval_every', 'snapshot_every', 'threads'):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise UsageError('--%s must be >= 1, got %d' % (name.replace('_', '-'), v))
-    for name in ('epoch', 'lr_drop_every', 'progress_every'):
-        if getattr(args, name) <= 0:
-            raise UsageError('--%s must be > 0, got %g'
-                             % (name.replace('_', '-'), getattr(args, name)))
-    for name in ('alpha_gs', 'lr', 'weight_decay'):
-        if getattr(args, name) < 0:
-            raise UsageError('--%s must be >= 0, got %g'
-                             % (name.replace('_', '-'), getattr(args, name)))
-    if not 0 <= args.momentum < 1:
-        raise UsageError('--momentum must be in [0, 1), got %g' % args.momentum)
-    if args.lr_drops is not None and (min(args.lr_drops) < 1 or
-                                      sorted(set(args.lr_drops)) != args.lr_drops):
-        raise UsageError('--lr-drops must be increasing iterations >= 1')
-    for name in ('eval_images', 'tta_images'):
-        n = getattr(args, name)
-        if n is not None and args.test_images is not None and n > args.test_images:
-            raise UsageError('--%s %d is more than --test-images %d'
-                             % (name.replace('_', '-'), n, args.test_images))
-    if args.split is not None and not 0 <= args.split <= 3 * args.depth:
-        raise UsageError('--split must be a unit boundary in [0, %d] for --depth %d, got %d'
-                         % (3 * args.depth, args.depth, args.split))
-    return args
-
-
-def given_options(argv):
-    """The destinations of the options written on the command line ``argv``."""
-    parser = build_parser()
-    unset = object()
-    parser.set_defaults(**{a.dest: unset for a in parser._actions if a.dest != 'help'})
-    return {k for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
-
-
-def option_name(dest):
-    return '--' + dest.replace('_', '-')
-
-
-def snapshot_iteration(path):
-    """The iteration a trainer snapshot was saved at (None if it does not say)."""
-    try:
-        with numpy.load(path) as f:
-            return int(f['updater/iteration'])
-    except Exception:
-        return None
-
-
-def resumed_args(args, given):
-    """The arguments of a resumed run: its args.json, with the options it may change
-    taken from the command line. Any other option given that contradicts args.json
-    is refused, naming it."""
-    run_dir, snapshot = runs.resume_source(args.resume)
-    recorded = runs.read_json(os.path.join(run_dir, 'args.json'), 'the run\'s arguments')
-    names = [dest for dest in vars(args) if dest not in ('resume', 'synth', 'method')]
-    merged = argparse.Namespace(**{k: recorded.get(k, getattr(args, k)) for k in names})
-    merged.method, merged.synth = recorded.get('method', 'bp'), None
-    if given & {'method', 'synth'} and args.method != merged.method:
-        raise UsageError('--resume %s: the run\'s method is %s, not %s; leave the method '
-                         'out' % (args.resume, merged.method, args.method))
-    for dest in sorted(given - {'method', 'synth'}):
-        mine, theirs = getattr(args, dest), recorded.get(dest)
-        if dest in RESUME_MAY_CHANGE:
-            setattr(merged, dest, mine)
-        elif dest in STOPPING:
-            done = snapshot_iteration(snapshot)
-            if dest == 'iterations' and mine is not None and done is not None and mine < done:
-                raise UsageError('--resume %s: --iterations %d is before the snapshot\'s '
-                                 'iteration %d; the stopping point can only be moved on'
-                                 % (args.resume, mine, done))
-            setattr(merged, dest, mine)
-        elif mine != theirs:
-            raise UsageError('--resume %s: %s %s contradicts the run\'s %s (args.json in %s); '
-                             'leave it out to continue the run as it was'
-                             % (args.resume, option_name(dest),
-                                ' '.join(map(str, mine)) if isinstance(mine, list) else mine,
-                                theirs, run_dir))
-    if 'out' not in given:
-        merged.out = run_dir
-    merged.resume = snapshot
-    merged.parts = recorded.get('parts', []) + [
-        {'resumed_from': snapshot, 'iterations': merged.iterations, 'epoch': merged.epoch}]
-    return merged
-
-
-def parse_args(argv=None, check_out=True):
-    """The run's arguments, checked; for ``--resume``, read back from the run's
-    folder. With ``check_out``, also that ``--out`` may take the run. Raises
-    :class:`UsageError`; writes nothing."""
-    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    args = validate(build_parser().parse_args(argv))
-    if args.resume:
-        args = validate(resumed_args(args, given_options(argv)))
-    else:
-        args.parts = []
-    if check_out and not continues_in_place(args):
-        runs.prepare_new(args.out, args.overwrite)
-    return args
-
-
-def continues_in_place(args):
-    """A resumed run writing to the folder of the snapshot it resumes from."""
-    return bool(args.resume) and \
-        os.path.abspath(args.out) == os.path.abspath(os.path.dirname(args.resume) or '.')
+from chainer_vfbn.runs import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, UsageError
 
 
 def resolve_device(args):
     return runs.resolve_device(args.device, args.gpu)
-
-
-def default_threads():
-    """The CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def set_threads(n):
@@ -479,7 +241,7 @@ def train(args):
 
     # Only now, with every input checked, touch the output folder: a new run (or a
     # resumed one written elsewhere) starts in a folder without another run's files.
-    if continues_in_place(args):
+    if arguments.continues_in_place(args):
         stale = [os.path.join(args.out, 'result.json')]  # the run goes on
     else:
         stale = runs.run_files(args.out)  # parse_args refused them without --overwrite
@@ -522,7 +284,7 @@ def main(argv=None):
     status on bad input (2), divergence (3) or interruption (130)."""
     prog = os.path.basename(sys.argv[0])
     try:
-        args = parse_args(argv)
+        args = arguments.parse_args(argv)
         train(args)
     except (UsageError, data.DataError) as e:
         print('%s: error: %s' % (prog, e), file=sys.stderr)

@@ -1,5 +1,5 @@
 """Tests of :mod:`chainer_vfbn._compat`, the shim that runs Chainer 7.8.1 on today's
-Python and NumPy (``COMPAT.md``: ``numpy.sctypes``, ``numpy.float``,
+Python and NumPy (``docs/CHAINER_TODAY.md``: ``numpy.sctypes``, ``numpy.float``,
 ``numpy.distutils.system_info`` and ``pkg_resources``).
 
 What the shim changes happens once per interpreter, before ``import chainer``, so

@@ -21,7 +21,8 @@ import chainer_vfbn  # noqa: F401  (the NumPy-2 shim precedes `import chainer`)
 import numpy
 import pytest
 
-from chainer_vfbn import curves, methods, table, training
+from chainer_vfbn import arguments, curves, methods, report, table
+from chainer_vfbn import runs as run_folders
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: The budget of the hand-written runs, as train.py arguments.
@@ -42,7 +43,7 @@ def write_run(folder, slug, seed, errors, diverged_at=None, extra=()):
     os.makedirs(folder)
     argv = methods.row_argv(row(slug)) + BUDGET + list(extra) + [
         '--seed', str(seed), '--out', str(folder)]
-    args = dict(vars(training.parse_args(argv)),
+    args = dict(vars(arguments.parse_args(argv)),
                 versions={'python': '3.11.7', 'chainer': '7.8.1', 'numpy': '2.4.6'},
                 machine={'processor': 'x86_64', 'cpus': 2, 'device': '@numpy'})
     log = []
@@ -90,7 +91,7 @@ def table_rows(markdown):
 # Table 1.
 
 def test_table_rows_in_paper_order_with_paper_numbers(runs):
-    md = table.results_table(list(runs.values()))
+    md = report.results_table(list(runs.values()))
     rows = table_rows(md)
     assert [r[0] for r in rows] == [r.label for r in methods.TABLE1]
     assert [float(r[1]) for r in rows] == [5.15, 5.76, 5.71, 20.45, 15.56, 5.73, 5.51]
@@ -98,7 +99,7 @@ def test_table_rows_in_paper_order_with_paper_numbers(runs):
 
 
 def test_table_mean_std_diverged_not_run(runs):
-    rows = {r[0]: r for r in table_rows(table.results_table(list(runs.values())))}
+    rows = {r[0]: r for r in table_rows(report.results_table(list(runs.values())))}
     bp_errors = numpy.array([20.0, 25.0])
     assert rows['BackProp'][2] == '%.2f ± %.2f (2 seeds)' % (bp_errors.mean(),
                                                              bp_errors.std(ddof=1))
@@ -111,7 +112,7 @@ def test_table_mean_std_diverged_not_run(runs):
 
 
 def test_table_shared_facts_and_exact_commands(runs):
-    md = table.results_table(list(runs.values()))
+    md = report.results_table(list(runs.values()))
     header = next(l for l in md.splitlines() if l.startswith('Every row below'))
     for fact in ('Fashion-MNIST', 'ResNet-14', '100 iterations of batch 32',
                  '1,000 training images', '36-view', '100 test images', 'CPU x86_64',
@@ -123,7 +124,7 @@ def test_table_shared_facts_and_exact_commands(runs):
     assert argv[:2] == ['python', 'train.py']
     assert argv[-2:] == ['--seed', 'S']
     # The command parses back to exactly the arguments the run recorded.
-    rerun = vars(training.parse_args(argv[2:-1] + ['0', '--out', runs['vfbn']], check_out=False))
+    rerun = vars(arguments.parse_args(argv[2:-1] + ['0', '--out', runs['vfbn']], check_out=False))
     with open(os.path.join(runs['vfbn'], 'args.json')) as f:
         recorded = json.load(f)
     assert {k: recorded[k] for k in rerun} == rerun
@@ -132,7 +133,7 @@ def test_table_shared_facts_and_exact_commands(runs):
 def test_table_gives_each_configuration_its_own_line(runs, tmp_path):
     other = write_run(tmp_path / 'bp_long', 'bp', 0, [0.4, 0.2, 0.1, 0.12],
                       extra=['--iterations', '200'])
-    md = table.results_table(list(runs.values()) + [other])
+    md = report.results_table(list(runs.values()) + [other])
     bp = [r for r in table_rows(md) if r[0] == 'BackProp']
     assert sorted(r[2] for r in bp) == ['12.00 (1 seed)', '22.50 ± 3.54 (2 seeds)']
     header = next(l for l in md.splitlines() if l.startswith('| '))
@@ -140,8 +141,8 @@ def test_table_gives_each_configuration_its_own_line(runs, tmp_path):
 
 
 def test_table_refuses_a_folder_without_args(tmp_path):
-    with pytest.raises(curves.RunError, match='no args.json'):
-        table.results_table([str(tmp_path)])
+    with pytest.raises(run_folders.RunError, match='no args.json'):
+        report.results_table([str(tmp_path)])
 
 
 def test_plan_runs_the_claim_first_for_each_seed():
@@ -175,16 +176,16 @@ def _t_coverage(q, df, steps=20000):
 
 
 def test_t_quantiles_cover_95_percent():
-    for df, q in table.T_975.items():
+    for df, q in report.T_975.items():
         assert abs(_t_coverage(q, df) - 0.95) < 2e-4, df
 
 
 def test_paired_interval_is_the_t_interval_of_the_differences():
-    mean, half = table.paired_interval([1.0, 2.0, 3.0, 4.0])
+    mean, half = report.paired_interval([1.0, 2.0, 3.0, 4.0])
     sd = math.sqrt(((1.5 ** 2) * 2 + (0.5 ** 2) * 2) / 3)   # sample std of 1..4
     assert mean == 2.5
     assert abs(half - 3.182 * sd / 2) < 1e-12
-    assert table.paired_interval([0.7]) == (0.7, None)
+    assert report.paired_interval([0.7]) == (0.7, None)
 
 
 def test_table_pairs_runs_by_seed(tmp_path):
@@ -203,7 +204,7 @@ def test_table_pairs_runs_by_seed(tmp_path):
                run('bp', 3, 0.90, 0.90),
                run('vfbn-1e-3', 0, 0.21, 0.23), run('vfbn-1e-3', 1, 0.33, 0.32),
                run('vfbn-1e-3', 2, 0.26, 0.27)]
-    md = table.results_table(folders)
+    md = report.results_table(folders)
     line = next(l for l in md.splitlines() if l.startswith('| VFBN (alpha_gs = 1e-3) − BackProp'))
     cells = [c.strip() for c in line.strip('|').split(' | ')]
     assert cells[1] == '3 (0, 1, 2)'
@@ -230,7 +231,7 @@ def test_plot_writes_png_and_pdf(runs, tmp_path):
 
 
 def test_plot_curves_groups_seeds_and_marks_divergence(runs):
-    loaded = [curves.load_run(p) for p in runs.values()]
+    loaded = [run_folders.load_run(p) for p in runs.values()]
     groups = dict(curves.group_runs(loaded))
     assert list(groups) == ['BackProp', 'Bottom half with back prop', "Jaderberg's Linear",
                             'VFBN (alpha_gs = 1e-3)']
@@ -276,7 +277,7 @@ def test_run_jobs_in_parallel_with_their_share_of_threads(tmp_path, cifar_archiv
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert '2 at a time' in proc.stdout
     assert 'final test error' not in proc.stdout  # train.py's own output stays in its folder
-    share = max(1, training.default_threads() // 2)
+    share = max(1, arguments.default_threads() // 2)
     for name in ('bp', 'vfbn-1e-3'):
         folder = root / name / 'seed0'
         assert json.loads((folder / 'args.json').read_text())['threads'] == share
