@@ -12,11 +12,14 @@ stand-in is four gzipped idx files (big-endian magic ``0x00000803`` for images,
 ``chainer_vfbn`` is imported here, before anything imports ``chainer``, so that its
 NumPy-2 compatibility shim applies to every test.
 """
+import contextlib
 import gzip
+import importlib
 import io
 import os
 import pickle
 import struct
+import subprocess
 import sys
 import tarfile
 import types
@@ -29,6 +32,38 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import chainer_vfbn  # noqa: E402,F401  (the shim must precede `import chainer`)
+
+
+# ---------------------------------------------------------------------------
+# The three commands, run in this process (a subprocess pays Chainer's import each
+# time; the tests that need a real process, for signals and the bare commands, make one).
+
+_MAINS = {'train.py': 'chainer_vfbn.training', 'evaluate.py': 'chainer_vfbn.evaluate_cli',
+          'plot_curves.py': 'chainer_vfbn.curves'}
+
+
+def run_main(name, *argv, cwd=REPO_ROOT):
+    """What ``python NAME ARGV...`` run in ``cwd`` would give, as a CompletedProcess
+    (exit status, stdout, stderr), from NAME's ``main(argv)`` in this process. The BLAS
+    thread limit (``--threads``), the working folder and ``sys.argv[0]`` are put back."""
+    import threadpoolctl
+    main = importlib.import_module(_MAINS[name]).main
+    argv = [str(a) for a in argv]
+    out, err = io.StringIO(), io.StringIO()
+    here, argv0 = os.getcwd(), sys.argv[0]
+    try:
+        os.chdir(cwd)
+        sys.argv[0] = name
+        with threadpoolctl.threadpool_limits(limits=None), \
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code
+    finally:
+        os.chdir(here)
+        sys.argv[0] = argv0
+    return subprocess.CompletedProcess([name] + argv, code or 0, out.getvalue(), err.getvalue())
 
 
 # ---------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """End-to-end tests of the two scripts, ``train.py`` and ``evaluate.py``.
 
-Each test runs the real script in a subprocess, as a user would, at depth 1 (8
+Each test runs a script's ``main(argv)`` as a user's command line would (in this
+process, through ``conftest.run_main``; in a real process where signals or the bare
+commands are the point), at depth 1 (8
 layers) on the small generated CIFAR-10 archive of ``conftest.py``: 40 training
 images (x36 views), 8 test images, batches of 8, a few iterations. They pin down
 the contract of the command line (STYLE.md; SPEC section 4 on divergence):
@@ -31,6 +33,7 @@ import numpy
 import pytest
 
 from chainer_vfbn import methods
+from conftest import run_main
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: The tiny run; an option given again after it overrides it (argparse keeps the last).
@@ -40,11 +43,10 @@ SYNTH_KEYS = ('synth/loss', 'synth/cosine', 'synth/rel_error', 'synth/norm_delta
 SCRIPT_TIMEOUT = 300  # seconds; a tiny run takes a few
 
 
-def script(name, *argv, timeout=SCRIPT_TIMEOUT):
-    """Run ``python NAME ARGV...`` from the repository root; return the
-    CompletedProcess (text stdout and stderr)."""
-    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, name)] + [str(a) for a in argv],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+def script(name, *argv):
+    """``python NAME ARGV...`` from the repository root, in this process: the
+    CompletedProcess (exit status, text stdout and stderr)."""
+    return run_main(name, *argv)
 
 
 def read_json(path):

@@ -113,15 +113,12 @@ def test_110_weighted_layers_55_on_each_side(full_net):
     assert sum(c.b is not None for c in convs) == 1
 
 
-@pytest.mark.parametrize('n', [1, 2, 3, 4, 5, 9, 18, 19])
-def test_paper_split_is_after_unit_ceil_half_of_resblock2(n):
-    assert model.paper_split(n) == n + math.ceil(n / 2)
-
-
-@pytest.mark.parametrize('n', [1, 2, 3])
-def test_default_cut_is_the_paper_split_with_h_64x11x11(n):
+@pytest.mark.parametrize('n, units_below', [(1, 2), (2, 3), (3, 5), (18, 27)])
+def test_default_cut_is_mid_resblock2_with_h_64x11x11(n, units_below):
+    """The cut follows unit ceil(n/2) of ResBlock-2 (worked out by hand here: 55
+    weighted layers below it at n = 18, as the paper says), where h is 64x11x11."""
     lower, upper = model.build_resnet(n)
-    assert len(lower.units) == n + math.ceil(n / 2)
+    assert len(lower.units) == units_below
     assert len(lower.units) + len(upper.units) == 3 * n
     x = numpy.zeros((1, 3, 24, 24), numpy.float32)
     with chainer.using_config('train', False), chainer.no_backprop_mode():

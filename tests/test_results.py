@@ -23,6 +23,7 @@ import pytest
 
 from chainer_vfbn import arguments, curves, methods, report, table
 from chainer_vfbn import runs as run_folders
+from conftest import run_main
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: The budget of the hand-written runs, as train.py arguments.
@@ -252,9 +253,7 @@ def test_plot_curves_exits_2_without_a_log(runs, tmp_path):
     empty = tmp_path / 'empty'
     empty.mkdir()
     for folder, says in ((no_log, 'has no log'), (empty, 'no args.json')):
-        proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'plot_curves.py'),
-                               runs['bp0'], str(folder), '--out', str(tmp_path / 'x')],
-                              capture_output=True, text=True, timeout=120)
+        proc = run_main('plot_curves.py', runs['bp0'], folder, '--out', tmp_path / 'x')
         assert proc.returncode == 2, proc.stderr
         assert says in proc.stderr and 'Traceback' not in proc.stderr
         assert not os.path.exists(str(tmp_path / 'x_error.png'))
