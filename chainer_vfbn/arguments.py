@@ -39,7 +39,7 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = runs.ArgumentParser(
         description='Train ResNet-110 (the paper\'s variant) on CIFAR-10 with one of '
                     'the methods of Table 1 (Miyato et al. 2017).',
         formatter_class=HelpFormatter)

@@ -17,7 +17,6 @@ entry says so. Runs are read with :func:`chainer_vfbn.runs.load_run`.
 ``python plot_curves.py RUN_DIR [RUN_DIR ...] --out PREFIX [--x epoch|examples]``
 writes ``PREFIX_error.{png,pdf}`` and ``PREFIX_fidelity.{png,pdf}``.
 """
-import argparse
 import collections
 import json
 import os
@@ -245,7 +244,7 @@ def plot_all(runs, prefix, unit='epoch'):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = runs_module.ArgumentParser(
         description='Plot the test-error curves (the paper\'s Figure 3) and the '
                     'gradient fidelity of train.py run folders.')
     p.add_argument('runs', nargs='*', metavar='RUN_DIR',

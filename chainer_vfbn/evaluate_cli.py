@@ -45,7 +45,7 @@ def test_images_arg(text):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = runs.ArgumentParser(
         description='Test error of a network trained by train.py: the paper\'s 36-view '
                     'averaged error and the single-view error (Miyato et al. 2017, '
                     'appendix B.1). By default the run\'s own data, test images and views.')

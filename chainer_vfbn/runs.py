@@ -9,6 +9,7 @@ a new run into a folder that holds a run is refused unless the user asks to star
 over (:func:`prepare_new`), and a resumed run takes its arguments from its own
 ``args.json`` (:func:`resume_source`).
 """
+import argparse
 import glob
 import json
 import math
@@ -32,6 +33,15 @@ EXIT_INTERRUPTED = 130
 #: The files of one run, as glob patterns inside its folder.
 RUN_FILES = ('args.json', 'log', 'result.json', 'snapshot_iter_*', 'model_iter_*.npz',
              'model.npz', '*.tmp')
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line, like every other bad
+    input: ``PROG: error: MESSAGE (PROG --help lists the options)``, exit 2."""
+
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, '%s: error: %s (%s --help lists the options)\n'
+                  % (self.prog, message, self.prog))
 
 
 class UsageError(Exception):

@@ -226,7 +226,7 @@ def positive_int(text):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = run_folders.ArgumentParser(
         prog='python -m chainer_vfbn.table',
         description='Run the rows of the paper\'s Table 1 and report them (table.md '
                     'and Figure 3).')
