@@ -64,6 +64,19 @@ def check_finite(method, iteration, **arrays):
                          % (method, iteration, ', '.join(bad) or 'a sum'))
 
 
+def init_states(optimizer):
+    """Give every parameter of ``optimizer`` its state now (Adam's zero moments), as
+    its first update would: a snapshot taken before that update (alpha_gs = 0 never
+    updates the synthesizer; a lagged pipeline starts late) then holds the state, and
+    ``--resume`` finds what it looks for."""
+    for param in optimizer.target.params():
+        rule = param.update_rule
+        if rule is not None and rule.state is None:
+            rule._state = {}
+            with chainer.using_device(param.device):
+                rule.init_state(param)
+
+
 class _TwoHalves(StandardUpdater):
     """What the split updaters share: the two halves behind the optimizers
     ``'lower'`` and ``'upper'``, the upper half's backprop step, the running RMS of
@@ -86,6 +99,8 @@ class _TwoHalves(StandardUpdater):
         self.diag_interval = diag_interval
         self.delta_rms_decay = delta_rms_decay
         self.delta_ms = None  # running mean of delta^2 (SPEC section 3, scale s)
+        if 'synth' in optimizers:
+            init_states(optimizers['synth'])
 
     @property
     def lower(self):
@@ -113,23 +128,21 @@ class _TwoHalves(StandardUpdater):
         self.get_optimizer('lower').update()
 
     def train_upper(self, h, t):
-        """Backprop of the task loss through the upper half from a fresh Variable on
-        the array ``h``; update it; fold delta into the running RMS ``s`` (SPEC
-        section 3: after each upper-half backward). Returns ``(delta, loss)``."""
-        h_up = chainer.Variable(h)
-        logits = self.upper(h_up)
-        loss = F.softmax_cross_entropy(logits, t)
-        self.upper.cleargrads()
-        loss.backward()
-        self.get_optimizer('upper').update()
-        chainer.report({'main/loss': loss, 'main/accuracy': F.accuracy(logits, t)})
-        delta = h_up.grad
+        """Backprop of the task loss through the upper half from h (:func:`upper_step`);
+        fold delta into the running RMS ``s``. Returns ``(delta, loss)``."""
+        delta, loss, accuracy = upper_step(self.upper, self.get_optimizer('upper'), h, t)
+        chainer.report({'main/loss': loss, 'main/accuracy': accuracy})
+        self.fold_delta(delta)
+        return delta, loss
+
+    def fold_delta(self, delta):
+        """Fold a true delta into the running mean of delta^2 (SPEC section 3: after
+        each upper-half backward)."""
         ms = (delta * delta).mean()
         if self.delta_ms is None:
             self.delta_ms = ms
         else:
             self.delta_ms = self.delta_rms_decay * self.delta_ms + (1 - self.delta_rms_decay) * ms
-        return delta, loss
 
     def finish(self, h, delta_hat, delta, **watched):
         """The end of an iteration: stop on a non-finite value, report the
@@ -152,6 +165,19 @@ class _TwoHalves(StandardUpdater):
             if ms >= 0:
                 xp = self.lower.xp
                 self.delta_ms = xp.asarray(ms, dtype=xp.float32)
+
+
+def upper_step(upper, optimizer, h, t):
+    """Step 3 of the decoupled iteration: backprop of the task loss through ``upper``
+    from a fresh Variable on the array ``h``, and ``optimizer``'s update. Returns
+    ``(delta, loss, accuracy)``, delta being the gradient that reached h."""
+    h_up = chainer.Variable(h)
+    logits = upper(h_up)
+    loss = F.softmax_cross_entropy(logits, t)
+    upper.cleargrads()
+    loss.backward()
+    optimizer.update()
+    return h_up.grad, loss, F.accuracy(logits, t)
 
 
 def report_fidelity(delta_hat, delta, h, scale):

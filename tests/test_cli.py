@@ -132,9 +132,11 @@ def test_table1_row_trains(trained, row):
 # ---------------------------------------------------------------------------
 # (b) Resuming from a snapshot is exact.
 
-@pytest.mark.parametrize('method', ['vfbn', 'jaderberg-linear'])
-def test_resume_is_exact(trained, tmp_path, cifar_archive, method):
-    row = table1_row(method, 1e-3)
+@pytest.mark.parametrize('method, alpha_gs', [('vfbn', 1e-3), ('vfbn', 0.0),
+                                              ('jaderberg-linear', 1e-3)])
+def test_resume_is_exact(trained, tmp_path, cifar_archive, method, alpha_gs):
+    """Also alpha_gs = 0, whose synthesizer's optimizer never updates."""
+    row = table1_row(method, alpha_gs)
     full, proc = trained(*short_run(row, iterations=6))
     assert proc.returncode == 0, proc.stderr
     first_half, proc = trained(*short_run(row, iterations=3))
