@@ -22,7 +22,7 @@ def default_threads():
 #: Options a resumed run may change: where and how it runs, not what it computes.
 #: (The thread count can change the last bits of the numbers; it is recorded.)
 RESUME_MAY_CHANGE = ('resume', 'out', 'overwrite', 'progress', 'progress_every', 'device',
-                     'gpu', 'data_dir', 'threads')
+                     'gpu', 'data_dir', 'threads', 'pipeline_timeout')
 #: The stopping point, which a resumed run may extend.
 STOPPING = ('iterations', 'epoch')
 
@@ -101,6 +101,17 @@ def build_parser():
                    help='BLAS/OpenMP threads (results are bit-for-bit repeatable for '
                         'one thread count; default: the CPUs this process may use)')
 
+    g = p.add_argument_group('pipeline (two processes: mpiexec -n 2 python train.py ... --pipeline)')
+    g.add_argument('--pipeline', action='store_true',
+                   help='run the upper half in a second MPI process, concurrently with '
+                        'the lower half (synthesizer methods; docs/PIPELINE.md)')
+    g.add_argument('--lag', type=int, default=0, metavar='D',
+                   help='with --pipeline: train the synthesizer on the true gradient of '
+                        'the batch D steps back, so the lower half never waits for it')
+    g.add_argument('--pipeline-timeout', type=float, default=600.0, metavar='SECONDS',
+                   help='with --pipeline: give up when the other process has not answered '
+                        'for this long')
+
     g = p.add_argument_group('run')
     g.add_argument('--device', '-d', default=None,
                    help='Chainer device specifier (@numpy, @cupy:0, ...)')
@@ -136,7 +147,7 @@ def validate(args):
                          % (args.method, args.synth))
     args.method = args.method or args.synth or 'bp'
     for name in ('alpha_gs', 'epoch', 'lr', 'momentum', 'weight_decay', 'lr_drop_every',
-                 'progress_every'):
+                 'progress_every', 'pipeline_timeout'):
         if not runs.finite(getattr(args, name)):
             raise UsageError('--%s must be a finite number, got %r'
                              % (name.replace('_', '-'), getattr(args, name)))
@@ -145,7 +156,7 @@ def validate(args):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UsageError('--%s must be >= 1, got %d' % (name.replace('_', '-'), v))
-    for name in ('epoch', 'lr_drop_every', 'progress_every'):
+    for name in ('epoch', 'lr_drop_every', 'progress_every', 'pipeline_timeout'):
         if getattr(args, name) <= 0:
             raise UsageError('--%s must be > 0, got %g'
                              % (name.replace('_', '-'), getattr(args, name)))
@@ -163,6 +174,13 @@ def validate(args):
         if n is not None and args.test_images is not None and n > args.test_images:
             raise UsageError('--%s %d is more than --test-images %d'
                              % (name.replace('_', '-'), n, args.test_images))
+    if args.lag < 0:
+        raise UsageError('--lag must be >= 0, got %d' % args.lag)
+    if args.lag and not args.pipeline:
+        raise UsageError('--lag %d needs --pipeline (a one-process run has no lag)' % args.lag)
+    if args.pipeline and args.method not in methods.SYNTHESIZERS and not args.resume:
+        raise UsageError('--pipeline decouples the halves with a synthesizer: give --synth '
+                         '%s, not --method %s' % ('|'.join(methods.SYNTHESIZERS), args.method))
     if args.split is not None and not 0 <= args.split <= 3 * args.depth:
         raise UsageError('--split must be a unit boundary in [0, %d] for --depth %d, got %d'
                          % (3 * args.depth, args.depth, args.split))

@@ -127,10 +127,12 @@ def network_optimizer(link, lr=config.LR, momentum=config.MOMENTUM,
 
 def build_updater(networks, *, iterator, device=None, alpha_gs=config.ALPHA_GS,
                   lr=config.LR, momentum=config.MOMENTUM, weight_decay=config.WEIGHT_DECAY,
-                  diag_interval=1):
+                  diag_interval=1, pipeline=None):
     """The updater that trains ``networks``, and the optimizers whose learning rate
     follows the schedule: ``(updater, scheduled)``. The synthesizer's optimizer is
-    Adam with ``alpha = alpha_gs`` (the paper's alpha_gs is Adam's alpha), constant."""
+    Adam with ``alpha = alpha_gs`` (the paper's alpha_gs is Adam's alpha), constant.
+    ``pipeline``: keyword arguments of :class:`~chainer_vfbn.pipeline.PipelineUpdater`
+    (``comm``, ``lag``, ``timeout``) to run the upper half in a second process."""
     if not alpha_gs >= 0:
         raise ValueError('alpha_gs must be >= 0, got %r' % alpha_gs)
     method, trained = networks.method, networks.trained
@@ -147,9 +149,13 @@ def build_updater(networks, *, iterator, device=None, alpha_gs=config.ALPHA_GS,
         return updater, scheduled + [opts['head']]
     opts['synth'] = optimizers.Adam(alpha=alpha_gs)
     opts['synth'].setup(trained['synth'])
-    updater = updaters.DecoupledUpdater(
-        iterator, opts, train_synth=alpha_gs > 0, device=device,
-        method='%s (alpha_gs=%g)' % (method, alpha_gs), diag_interval=diag_interval)
+    kind, extra = updaters.DecoupledUpdater, {}
+    if pipeline is not None:
+        from chainer_vfbn.pipeline import PipelineUpdater
+        kind, extra = PipelineUpdater, pipeline
+    updater = kind(iterator, opts, train_synth=alpha_gs > 0, device=device,
+                   method='%s (alpha_gs=%g)' % (method, alpha_gs),
+                   diag_interval=diag_interval, **extra)
     return updater, scheduled
 
 
@@ -164,7 +170,7 @@ class Setup(object):
 def build(method, *, iterator, device=None, depth=config.UNITS_PER_BLOCK, split=None,
           alpha_gs=config.ALPHA_GS, lr=config.LR, momentum=config.MOMENTUM,
           weight_decay=config.WEIGHT_DECAY, diag_interval=1, jaderberg_scaled=True,
-          vfbn_normalized_loss=False):
+          vfbn_normalized_loss=False, pipeline=None):
     """:func:`build_networks`, then :func:`build_updater`, as one :class:`Setup`."""
     networks = build_networks(method, depth=depth, split=split,
                               jaderberg_scaled=jaderberg_scaled,
@@ -172,5 +178,5 @@ def build(method, *, iterator, device=None, depth=config.UNITS_PER_BLOCK, split=
     updater, scheduled = build_updater(networks, iterator=iterator, device=device,
                                        alpha_gs=alpha_gs, lr=lr, momentum=momentum,
                                        weight_decay=weight_decay,
-                                       diag_interval=diag_interval)
+                                       diag_interval=diag_interval, pipeline=pipeline)
     return Setup(updater, networks.predictor, scheduled)

@@ -165,7 +165,7 @@ TRAIN_SIZES = {'cifar10': 50000, 'fashion-mnist': 60000}
 #: args.json keys that say where or on what a run ran, not what it computed.
 PER_RUN_KEYS = ('seed', 'out', 'resume', 'progress', 'synth', 'versions', 'machine',
                 'device', 'gpu', 'data_dir', 'threads', 'overwrite', 'progress_every',
-                'parts')
+                'parts', 'pipeline_timeout')
 
 
 class RunError(Exception):

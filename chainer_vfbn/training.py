@@ -18,7 +18,7 @@ import chainer
 import numpy
 from chainer.training import extensions
 
-from chainer_vfbn import arguments, config, data, methods, model, runs, updaters
+from chainer_vfbn import arguments, config, data, methods, model, pipeline, runs, updaters
 from chainer_vfbn.evaluation import TestErrorEvaluator, final_test_errors
 from chainer_vfbn.runs import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, UsageError
 
@@ -171,7 +171,40 @@ def header(args, device, train, test_images):
 
 
 def train(args):
-    """Train one method; return the result dictionary (also in result.json)."""
+    """Train one method; return the result dictionary (also in result.json). With
+    ``--pipeline``, rank 1 of the MPI job serves the upper half and returns None."""
+    if not args.pipeline:
+        return train_on(args, None)
+    try:
+        comm = pipeline.connect()
+    except pipeline.PipelineError as e:
+        raise UsageError(str(e))
+    if comm.rank == 1:
+        return serve_upper(args, comm)
+    try:
+        return train_on(args, comm)
+    finally:
+        pipeline.stop(comm)
+
+
+def serve_upper(args, comm):
+    """Rank 1 of a ``--pipeline`` run: the upper half, built as rank 0 builds it."""
+    device = resolve_device(args)
+    set_threads(args.threads)
+    seed_everything(args.seed, device)
+    networks = methods.build_networks(args.method, depth=args.depth, split=args.split,
+                                      jaderberg_scaled=args.jaderberg_scale,
+                                      vfbn_normalized_loss=args.vfbn_normalized_loss)
+    upper = networks.trained['upper']
+    upper.to_device(device)
+    optimizer = methods.network_optimizer(upper, args.lr, args.momentum, args.weight_decay)
+    pipeline.UpperServer(comm, upper, optimizer, device=device,
+                         timeout=args.pipeline_timeout).serve()
+
+
+def train_on(args, comm):
+    """Train on rank 0 (of a ``--pipeline`` run whose communicator is ``comm``) or in
+    this one process (``comm`` None)."""
     device = resolve_device(args)
     set_threads(args.threads)
     seed_everything(args.seed, device)
@@ -186,7 +219,9 @@ def train(args):
             split=args.split, alpha_gs=args.alpha_gs, lr=args.lr, momentum=args.momentum,
             weight_decay=args.weight_decay, diag_interval=args.diag_interval,
             jaderberg_scaled=args.jaderberg_scale,
-            vfbn_normalized_loss=args.vfbn_normalized_loss)
+            vfbn_normalized_loss=args.vfbn_normalized_loss,
+            pipeline=None if comm is None else dict(comm=comm, lag=args.lag,
+                                                    timeout=args.pipeline_timeout))
     except ValueError as e:
         raise UsageError(str(e))
     stop = (args.iterations, 'iteration') if args.iterations else (args.epoch, 'epoch')
@@ -208,6 +243,8 @@ def train(args):
     n_eval = args.eval_images or len(test_x)
     evaluator = TestErrorEvaluator(setup.predictor, test_x[:n_eval], test_y[:n_eval], device,
                                    args.eval_views)
+    if comm is not None:  # rank 0's copy of the upper half, from rank 1
+        trainer.extend(pipeline.PullUpper(), trigger=eval_trigger)
     trainer.extend(evaluator, trigger=eval_trigger)
     snapshot = extensions.snapshot(filename='snapshot_iter_{.updater.iteration}', n_retains=2)
     trainer.extend(snapshot, trigger=snap_trigger)
@@ -260,6 +297,8 @@ def train(args):
                       iteration=setup.updater.iteration + 1)
         runs.write_json(os.path.join(args.out, 'result.json'), result)
         raise
+    if comm is not None:
+        setup.updater.pull_upper()
     if args.tta_images is None and n_eval == len(test_x):
         final = evaluator.final(trainer)
     else:
@@ -283,8 +322,15 @@ def main(argv=None):
     """Command-line entry point: exit 0 on success; one clear line and a non-zero
     status on bad input (2), divergence (3) or interruption (130)."""
     prog = os.path.basename(sys.argv[0])
+    # An mpiexec job's other ranks write nothing; rank 0 makes the run folder.
+    rank = pipeline.launched_rank()
+    if rank:
+        prog = '%s (rank %d)' % (prog, rank)
     try:
-        args = arguments.parse_args(argv)
+        args = arguments.parse_args(argv, check_out=rank == 0)
+        if rank and not args.pipeline:
+            raise UsageError('this is process %d of an mpiexec job, but only --pipeline '
+                             'runs on several processes' % rank)
         train(args)
     except (UsageError, data.DataError) as e:
         print('%s: error: %s' % (prog, e), file=sys.stderr)
@@ -292,6 +338,9 @@ def main(argv=None):
     except updaters.NonFiniteError as e:
         print('%s: error: %s (see result.json)' % (prog, e), file=sys.stderr)
         return EXIT_DIVERGED
+    except pipeline.PipelineError as e:
+        print('%s: error: %s' % (prog, e), file=sys.stderr)
+        return 1
     except (Interrupted, KeyboardInterrupt) as e:
         iteration, snapshot = e.args if isinstance(e, Interrupted) else (None, None)
         latest = runs.latest_snapshot(args.out) if 'args' in locals() else None
@@ -303,7 +352,10 @@ def main(argv=None):
             print('%s: interrupted before the first snapshot; nothing to resume'
                   % prog, file=sys.stderr)
             return EXIT_INTERRUPTED
-        print('%s: %s: continue with: %s' % (prog, said, ' '.join(shlex.quote(a) for a in [
-            sys.executable, sys.argv[0], '--resume', args.out])), file=sys.stderr)
+        command = [sys.executable, sys.argv[0], '--resume', args.out]
+        if args.pipeline:
+            command = pipeline.launcher() + command
+        print('%s: %s: continue with: %s' % (prog, said, ' '.join(shlex.quote(a) for a in command)),
+              file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0

@@ -1,0 +1,156 @@
+"""The two-process pipeline (``train.py --pipeline``, :mod:`chainer_vfbn.pipeline`),
+run for real with ``mpiexec -n 2`` on the tiny generated CIFAR-10.
+
+* At lag 0 it is the one-process decoupled run, bit for bit: the same weights and the
+  same log, for every synthesizer (the oracle is the one-process run).
+* At lag > 0 it trains with finite losses, differs from lag 0, logs its lag, and a
+  run resumed from a snapshot that holds pending batches ends exactly as the
+  uninterrupted one.
+* Launched wrongly, it says so in one line.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import chainer_vfbn  # noqa: F401  (the NumPy-2 shim precedes `import chainer`)
+import numpy
+import pytest
+
+from conftest import REPO_ROOT, run_main
+
+MPIEXEC = os.path.join(os.path.dirname(sys.executable), 'mpiexec')
+pytestmark = pytest.mark.skipif(not os.path.exists(MPIEXEC),
+                                reason='no mpiexec beside Python (./setup.sh installs mpich)')
+TINY = ['--depth', '1', '--train-images', '40', '--test-images', '8', '--batchsize', '8',
+        '--eval-every', '2', '--snapshot-every', '2', '--eval-views', '1', '--threads', '1']
+
+
+def mpiexec(*argv):
+    """``mpiexec -n 2 python train.py ARGV...`` (a stuck rank gives up after 60 s)."""
+    return subprocess.run([MPIEXEC, '-n', '2', sys.executable, os.path.join(REPO_ROOT, 'train.py'),
+                           '--pipeline', '--pipeline-timeout', '60'] + [str(a) for a in argv],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+
+
+def weights(folder):
+    with numpy.load(os.path.join(str(folder), 'model.npz')) as f:
+        return {k: f[k] for k in f.files}
+
+
+def log(folder):
+    with open(os.path.join(str(folder), 'log')) as f:
+        return json.load(f)
+
+
+def assert_same_weights(a, b):
+    assert sorted(a) == sorted(b)
+    for name in a:
+        numpy.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.mark.parametrize('synth', ['vfbn', 'jaderberg-linear', 'jaderberg-resnet'])
+def test_lag_0_is_the_one_process_run_bit_for_bit(tmp_path, cifar_archive, synth):
+    argv = TINY + ['--data-dir', cifar_archive, '--synth', synth, '--iterations', 4]
+    one = run_main('train.py', *argv, '--out', tmp_path / 'one')
+    assert one.returncode == 0, one.stderr
+    two = mpiexec(*argv, '--out', tmp_path / 'two')
+    assert two.returncode == 0, two.stderr
+    assert_same_weights(weights(tmp_path / 'one'), weights(tmp_path / 'two'))
+    for a, b in zip(log(tmp_path / 'one'), log(tmp_path / 'two')):
+        assert b.pop('pipeline/lag') == 0
+        a.pop('elapsed_time'), b.pop('elapsed_time')
+        assert a == b
+    with open(tmp_path / 'two' / 'args.json') as f:
+        assert json.load(f)['pipeline'] is True
+
+
+def test_lags_1_and_2_train_log_their_lag_and_resume_exactly(tmp_path, cifar_archive):
+    argv = TINY + ['--data-dir', cifar_archive, '--synth', 'vfbn', '--lag', 2]
+    full = mpiexec(*argv, '--iterations', 6, '--out', tmp_path / 'full')
+    assert full.returncode == 0, full.stderr
+    entries = log(tmp_path / 'full')
+    assert [e['pipeline/lag'] for e in entries] == [2, 2, 2]
+    # The first two batches' true gradients arrive only at steps 3 and 4.
+    assert 'synth/loss' not in entries[0] and 'main/loss' not in entries[0]
+    assert all(numpy.isfinite(e['main/loss']) and numpy.isfinite(e['synth/loss'])
+               for e in entries[1:])
+
+    lag0 = mpiexec(*TINY, '--data-dir', cifar_archive, '--synth', 'vfbn', '--iterations', 6,
+                   '--out', tmp_path / 'lag0')
+    lag1 = mpiexec(*TINY, '--data-dir', cifar_archive, '--synth', 'vfbn', '--iterations', 6,
+                   '--lag', 1, '--out', tmp_path / 'lag1')
+    assert lag0.returncode == 0 and lag1.returncode == 0, lag0.stderr + lag1.stderr
+    assert all(numpy.isfinite(e['main/loss']) and e['pipeline/lag'] == 1
+               for e in log(tmp_path / 'lag1'))
+    runs = [weights(tmp_path / name) for name in ('lag0', 'lag1', 'full')]
+    for a, b in ((runs[0], runs[1]), (runs[1], runs[2])):
+        assert any(not numpy.array_equal(a[k], b[k]) for k in a)
+
+    # Stopped at 4 (two batches pending in the snapshot), resumed to 6.
+    part = mpiexec(*argv, '--iterations', 4, '--out', tmp_path / 'part')
+    assert part.returncode == 0, part.stderr
+    resumed = mpiexec('--resume', tmp_path / 'part', '--iterations', 6)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_weights(weights(tmp_path / 'full'), weights(tmp_path / 'part'))
+
+
+def test_evaluate_reads_the_assembled_network(tmp_path, cifar_archive):
+    two = mpiexec(*TINY, '--data-dir', cifar_archive, '--synth', 'vfbn', '--iterations', 2,
+                  '--out', tmp_path / 'two')
+    assert two.returncode == 0, two.stderr
+    with open(tmp_path / 'two' / 'result.json') as f:
+        result = json.load(f)
+    proc = run_main('evaluate.py', tmp_path / 'two', '--json', '-')
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)['test_error'] == result['test_error']
+
+
+@pytest.mark.parametrize('argv, says', [
+    (['--synth', 'vfbn', '--pipeline'], 'mpiexec -n 2'),
+    (['--synth', 'vfbn', '--lag', '1'], 'needs --pipeline'),
+    (['--method', 'bp', '--pipeline'], 'give --synth'),
+])
+def test_a_wrong_launch_is_one_line(tmp_path, cifar_archive, argv, says):
+    proc = run_main('train.py', *TINY, '--data-dir', cifar_archive, '--out', tmp_path / 'o',
+                    *argv)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('train.py: error: ') and says in lines[0]
+    assert not (tmp_path / 'o').exists()
+
+
+def test_ctrl_c_on_the_launcher_snapshots_and_the_printed_command_resumes(tmp_path,
+                                                                          cifar_archive):
+    """SIGINT to mpiexec reaches both ranks: rank 0 saves a snapshot (with rank 1's
+    half and the pending batch) and prints the mpiexec command that continues."""
+    out = tmp_path / 'out'
+    argv = [MPIEXEC, '-n', '2', sys.executable, os.path.join(REPO_ROOT, 'train.py'),
+            '--pipeline', '--lag', '1', *TINY, '--eval-every', '1', '--data-dir',
+            cifar_archive, '--synth', 'vfbn', '--iterations', '100000', '--out', str(out)]
+    proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / 'log').exists():
+            assert proc.poll() is None and time.time() < deadline, 'no log'
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    m = re.search(r'interrupted at iteration (\d+); a snapshot was saved: continue with: '
+                  r'(.*)$', stderr.strip())
+    assert m, stderr
+    iteration, command = int(m.group(1)), m.group(2).split()
+    assert command[:3] == [MPIEXEC, '-n', '2'] and command[-2:] == ['--resume', str(out)]
+    resumed = subprocess.run(command + ['--iterations', str(iteration + 2)], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    with open(out / 'result.json') as f:
+        assert json.load(f)['iteration'] == iteration + 2
