@@ -288,9 +288,12 @@ class PipelineUpdater(updaters._TwoHalves):
         self.upper_is_current = True
 
     def finalize(self):
-        """The trainer's last call: let the last batch's sends complete."""
+        """The trainer's last call: take the deltas of the batches still pending (rank
+        1 waits for them to be received before it stops) and let the last sends
+        complete."""
         super().finalize()
         try:
+            self.window = collections.deque(self.receive(b) for b in self.window)
             for request, _ in self.sending:
                 _wait(request, self.timeout, 'rank 1 (the upper half)')
         except PipelineError:

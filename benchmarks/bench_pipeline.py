@@ -1,0 +1,221 @@
+#!/usr/bin/env python
+"""Throughput of the two-process pipeline against one-process training, on the CPU.
+
+    python benchmarks/bench_pipeline.py --out benchmarks/pipeline   # pipeline.{json,md}
+
+Every number is the images/s of training steps of VFBN (alpha_gs = 1e-3) or backprop
+on random images (batch 128, the depth given), timed after two warm-up steps, each
+configuration in a fresh process (or ``mpiexec -n 2`` job), the whole set repeated
+``--rounds`` times in turn, medians reported:
+
+* backprop and the one-process decoupled step with all the CPUs' threads;
+* the one-process decoupled step on one thread (what the pipeline splits);
+* the pipeline (``train.py --pipeline``'s updater and server) at lags 0, 1 and 2, one
+  thread per rank.
+
+Stage times, on one thread in one process: the upper stage is
+:func:`~chainer_vfbn.updaters.upper_step`; the lower stage is the rest of the
+decoupled step (lower forward and backward, synthesizer, eq. 3). The ideal speed-up
+of two concurrent stages is their sum over the larger; the fraction of it reached is
+the larger stage over the pipeline's measured step time.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, '..'))
+
+import chainer_vfbn  # noqa: E402,F401  (compat shim before chainer)
+import chainer  # noqa: E402
+import numpy  # noqa: E402
+
+from chainer_vfbn import data, methods, updaters  # noqa: E402
+
+WARMUP = 2
+
+
+def iterator(batch):
+    rng = numpy.random.RandomState(0)
+    n = max(1, -(-batch * 4 // 36))
+    ds = data.AugmentedDataset(rng.randint(0, 256, (n, 3, 32, 32)).astype(numpy.uint8),
+                               rng.randint(0, 10, n))
+    return data.BatchIterator(ds, batch)
+
+
+def timed_steps(updater, steps):
+    for _ in range(WARMUP):
+        updater.update()
+    start = time.perf_counter()
+    for _ in range(steps):
+        updater.update()
+    return (time.perf_counter() - start) / steps
+
+
+def measure(kind, depth, batch, steps):
+    """Seconds per step of one configuration, in this process (or MPI job)."""
+    numpy.random.seed(0)
+    if kind.startswith('pipeline'):
+        from chainer_vfbn import pipeline
+        comm = pipeline.connect()
+        networks = methods.build_networks('vfbn', depth=depth)
+        if comm.rank == 1:
+            upper = networks.trained['upper']
+            pipeline.UpperServer(comm, upper, methods.network_optimizer(upper)).serve()
+            return None
+        updater, _ = methods.build_updater(
+            networks, iterator=iterator(batch), alpha_gs=1e-3,
+            pipeline=dict(comm=comm, lag=int(kind[len('pipeline'):])))
+        try:
+            return timed_steps(updater, steps)
+        finally:
+            updater.finalize()
+            pipeline.stop(comm)
+    method = 'bp' if kind == 'bp' else 'vfbn'
+    setup = methods.build(method, iterator=iterator(batch), depth=depth, alpha_gs=1e-3)
+    return timed_steps(setup.updater, steps)
+
+
+def stage_times(depth, batch, steps):
+    """(lower stage, upper stage, synthesizer forward) seconds, one thread."""
+    setup = methods.build('vfbn', iterator=iterator(batch), depth=depth, alpha_gs=1e-3)
+    u = setup.updater
+    step = timed_steps(u, steps)
+    x, t = u.next_batch()
+    h = u.lower(x).array
+    optimizer = u.get_optimizer('upper')
+    upper = []
+    synth = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        updaters.upper_step(u.upper, optimizer, h, t)
+        upper.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        u.synth(chainer.Variable(h), t)
+        synth.append(time.perf_counter() - start)
+    up = statistics.median(upper)
+    return step - up, up, statistics.median(synth)
+
+
+def run(kind, args, threads):
+    """Seconds per step of ``kind``, measured by a fresh process (two for a pipeline)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, 'result.json')
+        command = [sys.executable, os.path.abspath(__file__), '--measure', kind,
+                   '--depth', str(args.depth), '--batch', str(args.batch),
+                   '--steps', str(args.steps), '--result', result]
+        if kind.startswith('pipeline'):
+            from chainer_vfbn import pipeline
+            command = pipeline.launcher() + command
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
+                   MKL_NUM_THREADS=str(threads))
+        subprocess.run(command, check=True, env=env, timeout=3600)
+        with open(result) as f:
+            return json.load(f)
+
+
+def report(res):
+    cores = res['cores']
+    t = res['seconds_per_step']
+    ips = {k: res['batch'] / v for k, v in t.items()}
+    lower, upper = res['stages']['lower'], res['stages']['upper']
+    ideal = (lower + upper) / max(lower, upper)
+    lines = [
+        '# Pipeline throughput (CPU)',
+        '',
+        'Command: `%s`' % res['command'],
+        '',
+        'Machine: %s, %d cores, Python %s, NumPy %s, Chainer %s; %s. VFBN alpha_gs = 1e-3 '
+        '(backprop for the first row), depth %d (%d layers), batch %d, %d steps after %d '
+        'warm-up, median of %d rounds; 1-minute load %.2f before, %.2f after.'
+        % (res['cpu'], cores, res['python'], res['numpy'], res['chainer'], res['date'],
+           res['depth'], 6 * res['depth'] + 2, res['batch'], res['steps'], WARMUP,
+           res['rounds'], res['load'][0], res['load'][1]),
+        '',
+        '| configuration | threads | s/step | images/s | vs backprop | vs 1-thread decoupled |',
+        '|---|---|---|---|---|---|',
+    ]
+    names = [('bp', 'backprop, one process', cores), ('decoupled', 'decoupled, one process',
+                                                     cores),
+             ('decoupled1', 'decoupled, one process', 1)]
+    names += [('pipeline%d' % d, 'pipeline, lag %d (2 processes)' % d, '1 + 1')
+              for d in (0, 1, 2)]
+    for key, label, threads in names:
+        lines.append('| %s | %s | %.3f | %.1f | %.2f | %.2f |' % (
+            label, threads, t[key], ips[key], ips[key] / ips['bp'],
+            ips[key] / ips['decoupled1']))
+    lines += [
+        '',
+        'Stages on one thread: lower %.3f s (lower forward and backward, synthesizer, '
+        'eq. 3), upper %.3f s (forward, backward, update); a synthesizer forward (what '
+        'lag > 0 adds to the lower stage) %.3f s. Ideal speed-up of the two stages run '
+        'at once: %.2fx (sum over the larger); the lower stage is %s.'
+        % (lower, upper, res['stages']['synth_forward'], ideal,
+           'the larger' if lower >= upper else 'the smaller'),
+        '',
+        '| lag | speed-up over 1-thread decoupled | fraction of the ideal |',
+        '|---|---|---|',
+    ]
+    for d in (0, 1, 2):
+        key = 'pipeline%d' % d
+        lines.append('| %d | %.2fx | %.0f%% |' % (d, t['decoupled1'] / t[key],
+                                                  100 * max(lower, upper) / t[key]))
+    lines += ['', 'K = 3 (three processes) is not implemented yet.']
+    return '\n'.join(lines) + '\n'
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--out', default=os.path.join(HERE, 'pipeline'),
+                   help='writes OUT.json and OUT.md')
+    p.add_argument('--depth', type=int, default=3)
+    p.add_argument('--batch', type=int, default=128)
+    p.add_argument('--steps', type=int, default=8)
+    p.add_argument('--rounds', type=int, default=2)
+    p.add_argument('--measure', help=argparse.SUPPRESS)
+    p.add_argument('--result', help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.measure:
+        seconds = measure(args.measure, args.depth, args.batch, args.steps)
+        if seconds is not None:
+            with open(args.result, 'w') as f:
+                json.dump(seconds, f)
+        return
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    load = [os.getloadavg()[0]]
+    kinds = [('bp', cores), ('decoupled', cores), ('decoupled1', 1), ('pipeline0', 1),
+             ('pipeline1', 1), ('pipeline2', 1)]
+    times = {k: [] for k, _ in kinds}
+    for r in range(args.rounds):
+        for kind, threads in kinds:
+            times[kind].append(run('decoupled' if kind == 'decoupled1' else kind, args, threads))
+            print('round %d %-10s %.3f s/step' % (r + 1, kind, times[kind][-1]), flush=True)
+    import threadpoolctl
+    with threadpoolctl.threadpool_limits(limits=1):
+        lower, upper, synth = stage_times(args.depth, args.batch, args.steps)
+    load.append(os.getloadavg()[0])
+    from chainer_vfbn.runs import cpu_name
+    res = dict(command='python benchmarks/bench_pipeline.py ' + ' '.join(sys.argv[1:]),
+               cpu=cpu_name(), cores=cores, python=platform.python_version(),
+               numpy=numpy.__version__, chainer=chainer.__version__,
+               date=time.strftime('%Y-%m-%d'), depth=args.depth, batch=args.batch,
+               steps=args.steps, rounds=args.rounds, load=load,
+               seconds_per_step={k: statistics.median(v) for k, v in times.items()},
+               all_seconds=times,
+               stages=dict(lower=lower, upper=upper, synth_forward=synth))
+    with open(args.out + '.json', 'w') as f:
+        json.dump(res, f, indent=1)
+    with open(args.out + '.md', 'w') as f:
+        f.write(report(res))
+    print(report(res))
+
+
+if __name__ == '__main__':
+    main()
