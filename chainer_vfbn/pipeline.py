@@ -321,7 +321,8 @@ class PipelineUpdater(updaters._TwoHalves):
             window = []
             for i in range(int(n)):
                 w = serializer['pending%d' % i]
-                arrays = {name: w(name, None) for name in ('h', 't', 'delta_hat', 'delta')}
+                arrays = {name: self.lower.device.send(w(name, None))
+                          for name in ('h', 't', 'delta_hat', 'delta')}
                 report = {'main/loss': w('loss', None), 'main/accuracy': w('accuracy', None)}
                 window.append(_Batch(arrays['h'], arrays['t'], None, arrays['delta_hat'],
                                      arrays['delta'], report))
