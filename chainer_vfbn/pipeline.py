@@ -83,6 +83,13 @@ def launcher():
     return [beside if os.path.exists(beside) else 'mpiexec', '-n', '2']
 
 
+def abort(code):
+    """End every process of the job now: after a rank stopped answering, MPI's
+    normal shutdown would wait on messages that will never complete."""
+    from mpi4py import MPI
+    MPI.COMM_WORLD.Abort(code)
+
+
 def stop(comm):
     """Tell rank 1 that the run is over (also when rank 0 stops on an error)."""
     comm.mpi_comm.send(('stop',), dest=1, tag=TAG_COMMAND)

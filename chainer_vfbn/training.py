@@ -339,8 +339,8 @@ def main(argv=None):
         print('%s: error: %s (see result.json)' % (prog, e), file=sys.stderr)
         return EXIT_DIVERGED
     except pipeline.PipelineError as e:
-        print('%s: error: %s' % (prog, e), file=sys.stderr)
-        return 1
+        print('%s: error: %s' % (prog, e), file=sys.stderr, flush=True)
+        pipeline.abort(1)
     except (Interrupted, KeyboardInterrupt) as e:
         iteration, snapshot = e.args if isinstance(e, Interrupted) else (None, None)
         latest = runs.latest_snapshot(args.out) if 'args' in locals() else None

@@ -154,3 +154,49 @@ def test_ctrl_c_on_the_launcher_snapshots_and_the_printed_command_resumes(tmp_pa
     assert resumed.returncode == 0, resumed.stderr
     with open(out / 'result.json') as f:
         assert json.load(f)['iteration'] == iteration + 2
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self'), reason='finds rank 1 through /proc')
+def test_a_silent_rank_ends_the_run_with_a_line_naming_it(tmp_path, cifar_archive):
+    """Rank 1 frozen (SIGSTOP): rank 0 gives up after --pipeline-timeout, says which
+    rank did not answer, and the whole job ends (no hang)."""
+    out = tmp_path / 'out'
+    argv = [MPIEXEC, '-n', '2', sys.executable, os.path.join(REPO_ROOT, 'train.py'),
+            '--pipeline', '--pipeline-timeout', '3', *TINY, '--eval-every', '1',
+            '--data-dir', cifar_archive, '--synth', 'vfbn', '--iterations', '100000',
+            '--out', str(out)]
+    proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / 'log').exists():
+            assert proc.poll() is None and time.time() < deadline, 'no log'
+            time.sleep(0.1)
+        rank1 = [pid for pid in os.listdir('/proc') if pid.isdigit() and
+                 b'PMI_RANK=1' in _environ(pid) and str(out).encode() in _cmdline(pid)]
+        assert len(rank1) == 1, rank1
+        os.kill(int(rank1[0]), signal.SIGSTOP)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    first = stderr.strip().splitlines()[0]
+    assert first == ('train.py: error: no answer from rank 1 (the upper half) in 3 s; it '
+                     'has stopped or is stuck (its output above says why)'), stderr
+
+
+def _environ(pid):
+    try:
+        with open('/proc/%s/environ' % pid, 'rb') as f:
+            return f.read().split(b'\0')
+    except OSError:
+        return []
+
+
+def _cmdline(pid):
+    try:
+        with open('/proc/%s/cmdline' % pid, 'rb') as f:
+            return f.read()
+    except OSError:
+        return b''
