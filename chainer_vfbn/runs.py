@@ -238,6 +238,15 @@ def _read_json(path):
         raise RunError('%s cannot be read (%s)' % (path, e))
 
 
+def with_defaults(recorded):
+    """A run's recorded arguments completed with train.py's defaults for the options
+    its args.json predates (a run made before ``--lag`` existed ran at no lag), so
+    that runs of older and newer code compare, pair and plot as one setting."""
+    from chainer_vfbn import arguments  # it imports this module
+    defaults = vars(arguments.build_parser().parse_args([]))
+    return dict({k: v for k, v in defaults.items() if k not in recorded}, **recorded)
+
+
 def load_run(path, need_log=False):
     """Read a run folder. It needs ``args.json``; with ``need_log`` also a ``log``,
     unless it diverged before its first evaluation."""
@@ -247,7 +256,7 @@ def load_run(path, need_log=False):
     if not os.path.exists(args_file):
         raise RunError('%s is not a run folder: it has no args.json (train.py writes '
                        'args.json and log into its --out folder)' % path)
-    args = _read_json(args_file)
+    args = with_defaults(_read_json(args_file))
     log_file, result_file = os.path.join(path, 'log'), os.path.join(path, 'result.json')
     log = _read_json(log_file) if os.path.exists(log_file) else []
     result = _read_json(result_file) if os.path.exists(result_file) else None

@@ -66,10 +66,10 @@ def config_mismatch(recorded, argv):
     """How a folder's args.json differs from what ``argv`` would run ('' if not).
     An option the run's args.json predates counts as its default."""
     planned = vars(arguments.parse_args(argv, check_out=False))
-    defaults = vars(arguments.build_parser().parse_args([]))
-    diffs = ['%s %r there, %r now' % (k, recorded.get(k, defaults.get(k)), v)
+    recorded = run_folders.with_defaults(recorded)
+    diffs = ['%s %r there, %r now' % (k, recorded.get(k), v)
              for k, v in sorted(planned.items())
-             if k not in run_folders.PER_RUN_KEYS and recorded.get(k, defaults.get(k)) != v]
+             if k not in run_folders.PER_RUN_KEYS and recorded.get(k) != v]
     return '; '.join(diffs)
 
 

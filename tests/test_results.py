@@ -205,6 +205,13 @@ def test_table_pairs_runs_by_seed(tmp_path):
                run('bp', 3, 0.90, 0.90),
                run('vfbn-1e-3', 0, 0.21, 0.23), run('vfbn-1e-3', 1, 0.33, 0.32),
                run('vfbn-1e-3', 2, 0.26, 0.27)]
+    # A run from before --pipeline and --lag existed pairs with one that records them.
+    path = os.path.join(folders[0], 'args.json')
+    with open(path) as f:
+        args = json.load(f)
+    assert args.pop('pipeline') is False and args.pop('lag') == 0
+    with open(path, 'w') as f:
+        json.dump(args, f)
     md = report.results_table(folders)
     line = next(l for l in md.splitlines() if l.startswith('| VFBN (alpha_gs = 1e-3) − BackProp'))
     cells = [c.strip() for c in line.strip('|').split(' | ')]
