@@ -104,28 +104,24 @@ class PullUpper(chainer.training.Extension):
         trainer.updater.pull_upper()
 
 
-def _wait(request, timeout, what):
-    """Complete an MPI request within ``timeout`` seconds; return its data."""
+def _poll(done, timeout, what):
+    """Call ``done()`` until it is true, for at most ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    while True:
-        done, value = request.test()
-        if done:
-            return value
+    while not done():
         if time.monotonic() > deadline:
             raise PipelineError('no answer from %s in %.0f s; it has stopped or is stuck '
                                 '(its output above says why)' % (what, timeout))
         time.sleep(POLL_SECONDS)
+
+
+def _wait(request, timeout, what):
+    """Complete an MPI send or receive request."""
+    _poll(request.Test, timeout, what)
 
 
 def _recv_object(mpi, source, tag, timeout, what):
-    """Receive a pickled message within ``timeout`` seconds (probed first, so that a
-    message of any size fits)."""
-    deadline = time.monotonic() + timeout
-    while not mpi.Iprobe(source=source, tag=tag):
-        if time.monotonic() > deadline:
-            raise PipelineError('no answer from %s in %.0f s; it has stopped or is stuck '
-                                '(its output above says why)' % (what, timeout))
-        time.sleep(POLL_SECONDS)
+    """Receive a pickled message (probed first, so that a message of any size fits)."""
+    _poll(lambda: mpi.Iprobe(source=source, tag=tag), timeout, what)
     return mpi.recv(source=source, tag=tag)
 
 
