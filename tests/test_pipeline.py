@@ -123,14 +123,12 @@ def test_a_wrong_launch_is_one_line(tmp_path, cifar_archive, argv, says):
     assert not (tmp_path / 'o').exists()
 
 
-def test_ctrl_c_on_the_launcher_snapshots_and_the_printed_command_resumes(tmp_path,
-                                                                          cifar_archive):
-    """SIGINT to mpiexec reaches both ranks: rank 0 saves a snapshot (with rank 1's
-    half and the pending batch) and prints the mpiexec command that continues."""
-    out = tmp_path / 'out'
+def interrupt_a_long_run(out, cifar_archive, act, *options):
+    """Start a pipeline run of many iterations into ``out``; once its log exists (the
+    ranks are in their loop), call ``act()``; return (exit status, stderr)."""
     argv = [MPIEXEC, '-n', '2', sys.executable, os.path.join(REPO_ROOT, 'train.py'),
-            '--pipeline', '--lag', '1', *TINY, '--eval-every', '1', '--data-dir',
-            cifar_archive, '--synth', 'vfbn', '--iterations', '100000', '--out', str(out)]
+            '--pipeline', *options, *TINY, '--eval-every', '1', '--data-dir', cifar_archive,
+            '--synth', 'vfbn', '--iterations', '100000', '--out', str(out)]
     proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -138,12 +136,23 @@ def test_ctrl_c_on_the_launcher_snapshots_and_the_printed_command_resumes(tmp_pa
         while not (out / 'log').exists():
             assert proc.poll() is None and time.time() < deadline, 'no log'
             time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
+        act(proc)
         _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, stderr
+    return proc.returncode, stderr
+
+
+def test_ctrl_c_on_the_launcher_snapshots_and_the_printed_command_resumes(tmp_path,
+                                                                          cifar_archive):
+    """SIGINT to mpiexec reaches both ranks: rank 0 saves a snapshot (with rank 1's
+    half and the pending batch) and prints the mpiexec command that continues."""
+    out = tmp_path / 'out'
+    code, stderr = interrupt_a_long_run(out, cifar_archive,
+                                        lambda proc: proc.send_signal(signal.SIGINT),
+                                        '--lag', '1')
+    assert code == 130, stderr
     m = re.search(r'interrupted at iteration (\d+); a snapshot was saved: continue with: '
                   r'(.*)$', stderr.strip())
     assert m, stderr
@@ -160,27 +169,16 @@ def test_ctrl_c_on_the_launcher_snapshots_and_the_printed_command_resumes(tmp_pa
 def test_a_silent_rank_ends_the_run_with_a_line_naming_it(tmp_path, cifar_archive):
     """Rank 1 frozen (SIGSTOP): rank 0 gives up after --pipeline-timeout, says which
     rank did not answer, and the whole job ends (no hang)."""
-    out = tmp_path / 'out'
-    argv = [MPIEXEC, '-n', '2', sys.executable, os.path.join(REPO_ROOT, 'train.py'),
-            '--pipeline', '--pipeline-timeout', '3', *TINY, '--eval-every', '1',
-            '--data-dir', cifar_archive, '--synth', 'vfbn', '--iterations', '100000',
-            '--out', str(out)]
-    proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while not (out / 'log').exists():
-            assert proc.poll() is None and time.time() < deadline, 'no log'
-            time.sleep(0.1)
+    def freeze_rank_1(proc):
         rank1 = [pid for pid in os.listdir('/proc') if pid.isdigit() and
                  b'PMI_RANK=1' in _environ(pid) and str(out).encode() in _cmdline(pid)]
         assert len(rank1) == 1, rank1
         os.kill(int(rank1[0]), signal.SIGSTOP)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode != 0
+
+    out = tmp_path / 'out'
+    code, stderr = interrupt_a_long_run(out, cifar_archive, freeze_rank_1,
+                                        '--pipeline-timeout', '3')
+    assert code != 0
     first = stderr.strip().splitlines()[0]
     assert first == ('train.py: error: no answer from rank 1 (the upper half) in 3 s; it '
                      'has stopped or is stuck (its output above says why)'), stderr
