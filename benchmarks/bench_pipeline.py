@@ -1,17 +1,18 @@
 #!/usr/bin/env python
-"""Throughput of the two-process pipeline against one-process training, on the CPU.
+"""Throughput of the pipeline against one-process training, on the CPU.
 
     python benchmarks/bench_pipeline.py --out benchmarks/pipeline   # pipeline.{json,md}
 
 Every number is the images/s of training steps of VFBN (alpha_gs = 1e-3) or backprop
 on random images (batch 128, the depth given), timed after two warm-up steps, each
-configuration in a fresh process (or ``mpiexec -n 2`` job), the whole set repeated
+configuration in a fresh process (or ``mpiexec -n K`` job), the whole set repeated
 ``--rounds`` times in turn, medians reported:
 
 * backprop and the one-process decoupled step with all the CPUs' threads;
 * the one-process decoupled step on one thread (what the pipeline splits);
-* the pipeline (``train.py --pipeline``'s updater and server) at lags 0, 1 and 2, one
-  thread per rank.
+* the pipeline (``train.py --pipeline``'s updater and servers) at the paper's cut at
+  lags 0, 1 and 2, and at lag 0 at the cuts ``--balance`` picks for K = 2 and K = 3
+  modules, one thread per rank.
 
 Stage times, on one thread in one process: the upper stage is
 :func:`~chainer_vfbn.updaters.upper_step`; the lower stage is the rest of the
@@ -36,7 +37,7 @@ import chainer_vfbn  # noqa: E402,F401  (compat shim before chainer)
 import chainer  # noqa: E402
 import numpy  # noqa: E402
 
-from chainer_vfbn import data, methods, updaters  # noqa: E402
+from chainer_vfbn import balance, data, methods, model, updaters  # noqa: E402
 
 WARMUP = 2
 
@@ -58,20 +59,20 @@ def timed_steps(updater, steps):
     return (time.perf_counter() - start) / steps
 
 
-def measure(kind, depth, batch, steps):
+def measure(kind, depth, batch, steps, cuts):
     """Seconds per step of one configuration, in this process (or MPI job)."""
     numpy.random.seed(0)
     if kind.startswith('pipeline'):
         from chainer_vfbn import pipeline
-        comm = pipeline.connect()
-        networks = methods.build_networks('vfbn', depth=depth)
-        if comm.rank == 1:
-            upper = networks.trained['upper']
-            pipeline.UpperServer(comm, upper, methods.network_optimizer(upper)).serve()
+        lag = int(kind[len('pipeline'):])
+        comm = pipeline.connect(len(cuts) + 1)
+        if comm.rank:
+            pipeline.stage_server(comm, 'vfbn', depth=depth, splits=cuts, alpha_gs=1e-3,
+                                  lag=lag).serve()
             return None
-        updater, _ = methods.build_updater(
-            networks, iterator=iterator(batch), alpha_gs=1e-3,
-            pipeline=dict(comm=comm, lag=int(kind[len('pipeline'):])))
+        networks = methods.build_networks('vfbn', depth=depth, split=cuts[0])
+        updater, _ = methods.build_updater(networks, iterator=iterator(batch), alpha_gs=1e-3,
+                                           pipeline=dict(comm=comm, lag=lag))
         try:
             return timed_steps(updater, steps)
         finally:
@@ -103,16 +104,19 @@ def stage_times(depth, batch, steps):
     return step - up, up, statistics.median(synth)
 
 
-def run(kind, args, threads):
-    """Seconds per step of ``kind``, measured by a fresh process (two for a pipeline)."""
+def run(kind, args, threads, cuts=None):
+    """Seconds per step of ``kind``, measured by a fresh process (an MPI job of one
+    process per module for a pipeline; ``cuts`` default to the paper's split)."""
+    cuts = cuts or [model.paper_split(args.depth)]
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, 'result.json')
         command = [sys.executable, os.path.abspath(__file__), '--measure', kind,
                    '--depth', str(args.depth), '--batch', str(args.batch),
-                   '--steps', str(args.steps), '--result', result]
+                   '--steps', str(args.steps), '--result', result,
+                   '--cuts'] + [str(c) for c in cuts]
         if kind.startswith('pipeline'):
             from chainer_vfbn import pipeline
-            command = pipeline.launcher() + command
+            command = pipeline.launcher(len(cuts) + 1) + command
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                    MKL_NUM_THREADS=str(threads))
         subprocess.run(command, check=True, env=env, timeout=3600)
@@ -174,9 +178,54 @@ def report(res):
         'The stages are timed in this process, the pipeline in its own: a fraction a few '
         'points above 100%% is measurement noise. Two concurrent stages can at best hide '
         'the smaller one; with the upper stage %.0f%% of the lower one, the split (not '
-        'the overlap) limits the speed-up here. K = 3 (three processes) and choosing the '
-        'split from these stage times are not implemented yet.' % (100 * upper / lower)]
+        'the overlap) limits the speed-up here.' % (100 * upper / lower)]
+    if 'cut_runs' in res:
+        lines += cuts_report(res)
     return '\n'.join(lines) + '\n'
+
+
+def module_times(res, cuts):
+    bounds = [0] + list(cuts) + [3 * res['depth']]
+    return [balance.module_time(res['costs'], a, b, i == len(cuts))
+            for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+
+
+def cuts_report(res):
+    """Markdown: the pipeline at the paper's cut and at the cuts ``--balance`` picks."""
+    t1 = res['seconds_per_step']['decoupled1']
+    stem, units, head, synth = res['costs']
+    lines = [
+        '',
+        '## Where to cut (`--balance`)',
+        '',
+        'Parts timed on one thread by `chainer_vfbn.balance.stage_costs` (forward and '
+        'backward, batch %d; the synthesizer\'s part is its forward, delta_hat, eq. 3 and '
+        'its update): stem %.3f s, units %s s, head %.4f s; the synthesizer at the cut '
+        'before unit 0..%d: %s s. Their sum for the paper\'s cut, %.3f s, against the '
+        'one-thread decoupled step measured whole, %.3f s. A module\'s time is its parts\' '
+        'sum; K modules on %d cores can at best take max(largest module, sum / cores) per '
+        'step (the ideal below). Lag 0.'
+        % (res['batch'], stem, ' '.join('%.3f' % u for u in units), head, len(units),
+           ' '.join('%.3f' % x for x in synth),
+           sum(module_times(res, [model.paper_split(res['depth'])])), t1, res['cores']),
+        '',
+        '| cuts | processes | module times (s) | ideal s/step | measured s/step | images/s | '
+        'speed-up over 1-thread decoupled | fraction of the ideal |',
+        '|---|---|---|---|---|---|---|---|',
+    ]
+    for name, cuts in res['cut_runs']:
+        times = module_times(res, cuts)
+        ideal = max(max(times), sum(times) / min(res['cores'], len(times)))
+        measured = res['seconds_per_step'][name]
+        lines.append('| %s (%s) | %d | %s | %.3f | %.3f | %.1f | %.2fx | %.0f%% |' % (
+            ' '.join(map(str, cuts)), name.replace('_', ' '), len(cuts) + 1,
+            ' + '.join('%.3f' % x for x in times), ideal, measured, res['batch'] / measured,
+            t1 / measured, 100 * ideal / measured))
+    lines += [
+        '',
+        'With %d cores, three processes share them: the K = 3 row is not one core per rank.'
+        % res['cores'] if res['cores'] < 3 else '']
+    return lines
 
 
 def main():
@@ -191,9 +240,10 @@ def main():
                    help='rewrite OUT.md from OUT.json without measuring')
     p.add_argument('--measure', help=argparse.SUPPRESS)
     p.add_argument('--result', help=argparse.SUPPRESS)
+    p.add_argument('--cuts', type=int, nargs='+', help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.measure:
-        seconds = measure(args.measure, args.depth, args.batch, args.steps)
+        seconds = measure(args.measure, args.depth, args.batch, args.steps, args.cuts)
         if seconds is not None:
             with open(args.result, 'w') as f:
                 json.dump(seconds, f)
@@ -210,12 +260,23 @@ def main():
     load = [os.getloadavg()[0]]
     kinds = [('bp', cores), ('decoupled', cores), ('decoupled1', 1), ('pipeline0', 1),
              ('pipeline1', 1), ('pipeline2', 1)]
+    import threadpoolctl
+    with threadpoolctl.threadpool_limits(limits=1):
+        costs = balance.stage_costs('vfbn', args.depth, args.batch, alpha_gs=1e-3)
+    cut_runs = [('paper', [model.paper_split(args.depth)]),
+                ('balanced_K2', balance.best_cuts(costs, 2)[0]),
+                ('balanced_K3', balance.best_cuts(costs, 3)[0])]
     times = {k: [] for k, _ in kinds}
+    times.update({name: [] for name, _ in cut_runs[1:]})
     for r in range(args.rounds):
         for kind, threads in kinds:
             times[kind].append(run('decoupled' if kind == 'decoupled1' else kind, args, threads))
             print('round %d %-10s %.3f s/step' % (r + 1, kind, times[kind][-1]), flush=True)
-    import threadpoolctl
+        for name, cuts in cut_runs[1:]:
+            times[name].append(run('pipeline0', args, 1, cuts))
+            print('round %d %-10s %.3f s/step (cuts %s)' % (r + 1, name, times[name][-1], cuts),
+                  flush=True)
+    times['paper'] = times['pipeline0']
     with threadpoolctl.threadpool_limits(limits=1):
         lower, upper, synth = stage_times(args.depth, args.batch, args.steps)
     load.append(os.getloadavg()[0])
@@ -227,7 +288,8 @@ def main():
                steps=args.steps, rounds=args.rounds, load=load,
                seconds_per_step={k: statistics.median(v) for k, v in times.items()},
                all_seconds=times,
-               stages=dict(lower=lower, upper=upper, synth_forward=synth))
+               stages=dict(lower=lower, upper=upper, synth_forward=synth),
+               costs=costs, cut_runs=cut_runs)
     with open(args.out + '.json', 'w') as f:
         json.dump(res, f, indent=1)
     with open(args.out + '.md', 'w') as f:

@@ -101,10 +101,18 @@ def build_parser():
                    help='BLAS/OpenMP threads (results are bit-for-bit repeatable for '
                         'one thread count; default: the CPUs this process may use)')
 
-    g = p.add_argument_group('pipeline (two processes: mpiexec -n 2 python train.py ... --pipeline)')
+    g = p.add_argument_group('pipeline (K processes: mpiexec -n K python train.py ... --pipeline)')
     g.add_argument('--pipeline', action='store_true',
                    help='run the upper half in a second MPI process, concurrently with '
                         'the lower half (synthesizer methods; docs/PIPELINE.md)')
+    g.add_argument('--splits', type=int, nargs='+', default=None, metavar='UNIT',
+                   help='with --pipeline: cut the network before these unit indices '
+                        'into len(SPLITS) + 1 modules, one MPI process each (default: '
+                        'two modules, cut at --split)')
+    g.add_argument('--balance', action='store_true',
+                   help='with --pipeline: cut the network into as many modules as MPI '
+                        'processes where the measured stage times are most even '
+                        '(recorded in args.json as --splits; chainer_vfbn/balance.py)')
     g.add_argument('--lag', type=int, default=0, metavar='D',
                    help='with --pipeline: train the synthesizer on the true gradient of '
                         'the batch D steps back, so the lower half never waits for it')
@@ -181,6 +189,23 @@ def validate(args):
     if args.pipeline and args.method not in methods.SYNTHESIZERS and not args.resume:
         raise UsageError('--pipeline decouples the halves with a synthesizer: give --synth '
                          '%s, not --method %s' % ('|'.join(methods.SYNTHESIZERS), args.method))
+    if args.balance and not args.pipeline:
+        raise UsageError('--balance chooses the cuts of a --pipeline run: give --pipeline')
+    if args.balance and not args.resume and (args.splits or args.split is not None):
+        raise UsageError('--balance chooses the cuts itself: leave out --split and --splits')
+    if args.splits is not None:
+        if not args.pipeline:
+            raise UsageError('--splits cuts the network into modules for --pipeline; a '
+                             'one-process run has two halves: give --split')
+        if sorted(set(args.splits)) != args.splits or not \
+                0 <= args.splits[0] <= args.splits[-1] <= 3 * args.depth:
+            raise UsageError('--splits must be increasing unit boundaries in [0, %d] for '
+                             '--depth %d, got %s' % (3 * args.depth, args.depth,
+                                                     ' '.join(map(str, args.splits))))
+        if args.split is not None and args.split != args.splits[0]:
+            raise UsageError('--split %d and --splits %s disagree: give one'
+                             % (args.split, ' '.join(map(str, args.splits))))
+        args.split = args.splits[0]  # rank 0's lower half, as evaluate.py reads it
     if args.split is not None and not 0 <= args.split <= 3 * args.depth:
         raise UsageError('--split must be a unit boundary in [0, %d] for --depth %d, got %d'
                          % (3 * args.depth, args.depth, args.split))

@@ -79,8 +79,11 @@ def layer_count(n=config.UNITS_PER_BLOCK):
     return 6 * n + 2
 
 
-def split_name(n, split=None):
+def split_name(n, split=None, splits=None):
     """Where the network is cut, in words."""
+    if splits and len(splits) > 1:
+        return 'in %d modules, before unit indices %s' % (
+            len(splits) + 1, ', '.join(map(str, splits)))
     if split is None:
         return 'after unit %d of ResBlock-2' % (paper_split(n) - n)
     return 'before unit index %d' % split
@@ -117,6 +120,10 @@ class Upper(chainer.Chain):
     def forward(self, h):
         for unit in self.units:
             h = unit(h)
+        return self.head(h)
+
+    def head(self, h):
+        """Global average pooling and fc: the last units' maps -> logits."""
         return self.fc(F.average(h, axis=(2, 3)))
 
 
@@ -146,5 +153,9 @@ def build_resnet(n=config.UNITS_PER_BLOCK, split=None):
     if not 0 <= split <= len(specs):
         raise ValueError('split must be a unit boundary in [0, %d], got %d'
                          % (len(specs), split))
-    h_ch = specs[split - 1][1] if split > 0 else config.STEM_CHANNELS
-    return Lower(specs[:split]), Upper(specs[split:], h_ch)
+    return Lower(specs[:split]), Upper(specs[split:], channels_at(n, split))
+
+
+def channels_at(n, split):
+    """The channels of the maps between units ``split - 1`` and ``split``."""
+    return unit_specs(n)[split - 1][1] if split > 0 else config.STEM_CHANNELS

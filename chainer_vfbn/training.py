@@ -18,7 +18,8 @@ import chainer
 import numpy
 from chainer.training import extensions
 
-from chainer_vfbn import arguments, config, data, methods, model, pipeline, runs, updaters
+from chainer_vfbn import (arguments, balance, config, data, methods, model, pipeline, runs,
+                          updaters)
 from chainer_vfbn.evaluation import TestErrorEvaluator, final_test_errors
 from chainer_vfbn.runs import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, UsageError
 
@@ -159,7 +160,8 @@ def header(args, device, train, test_images):
         '# method %s%s, depth %d units/block (%d layers), split %s'
         % (args.method,
            ', alpha_gs %g' % args.alpha_gs if args.method in methods.SYNTHESIZERS else '',
-           args.depth, model.layer_count(args.depth), model.split_name(args.depth, args.split)),
+           args.depth, model.layer_count(args.depth),
+           model.split_name(args.depth, args.split, args.splits)),
         '# data %s: %d images x 36 views = %d training examples, %d test images, %d-view test error'
         % (args.dataset, len(train.images), len(train), len(test_images), args.eval_views),
         '# device %s, batch %d, %s, seed %d, out %s'
@@ -172,34 +174,73 @@ def header(args, device, train, test_images):
 
 def train(args):
     """Train one method; return the result dictionary (also in result.json). With
-    ``--pipeline``, rank 1 of the MPI job serves the upper half and returns None."""
+    ``--pipeline``, the other ranks of the MPI job serve their modules and return
+    None."""
     if not args.pipeline:
         return train_on(args, None)
+    choose = args.balance and args.splits is None  # not when resuming: args.json has them
     try:
-        comm = pipeline.connect()
+        comm = pipeline.connect(None if choose else modules(args))
     except pipeline.PipelineError as e:
         raise UsageError(str(e))
-    if comm.rank == 1:
-        return serve_upper(args, comm)
+    if choose:
+        args.splits = pipeline.share(comm, balanced_cuts(args, comm.size) if comm.rank == 0
+                                     else None, args.pipeline_timeout)
+        args.split = args.splits[0]
+    if comm.rank:
+        return serve_stage(args, comm)
     try:
         return train_on(args, comm)
     finally:
         pipeline.stop(comm)
 
 
-def serve_upper(args, comm):
-    """Rank 1 of a ``--pipeline`` run: the upper half, built as rank 0 builds it."""
+def balanced_cuts(args, modules):
+    """``--balance``: the cuts that make the slowest of ``modules`` modules fastest,
+    from stage times measured here, now (:mod:`chainer_vfbn.balance`)."""
+    device = resolve_device(args)
+    set_threads(args.threads)
+    print('# --balance: timing the stages (%d thread%s, batch %d) ...'
+          % (args.threads, '' if args.threads == 1 else 's', args.batchsize), flush=True)
+    costs = balance.stage_costs(args.method, args.depth, args.batchsize, device=device,
+                                jaderberg_scaled=args.jaderberg_scale,
+                                vfbn_normalized_loss=args.vfbn_normalized_loss,
+                                alpha_gs=args.alpha_gs)
+    try:
+        cuts, _ = balance.best_cuts(costs, modules)
+    except ValueError as e:
+        raise UsageError('--balance: %s' % e)
+
+    def times(cuts):
+        bounds = [0] + list(cuts) + [3 * args.depth]
+        return ', '.join('%.2f' % balance.module_time(costs, a, b, i == modules - 1)
+                         for i, (a, b) in enumerate(zip(bounds, bounds[1:])))
+
+    paper = model.paper_split(args.depth)
+    print('# --balance: cuts %s, modules %s s per batch%s'
+          % (' '.join(map(str, cuts)), times(cuts),
+             ' (the paper\'s cut %d: %s s)' % (paper, times([paper])) if modules == 2 else ''),
+          flush=True)
+    return cuts
+
+
+def modules(args):
+    """How many modules (MPI processes) a ``--pipeline`` run has."""
+    return len(args.splits) + 1 if args.splits else 2
+
+
+def serve_stage(args, comm):
+    """Rank k > 0 of a ``--pipeline`` run: module k of the upper half, built as rank
+    0 builds the upper half, and (below the top) a synthesizer at its output."""
     device = resolve_device(args)
     set_threads(args.threads)
     seed_everything(args.seed, device)
-    networks = methods.build_networks(args.method, depth=args.depth, split=args.split,
-                                      jaderberg_scaled=args.jaderberg_scale,
-                                      vfbn_normalized_loss=args.vfbn_normalized_loss)
-    upper = networks.trained['upper']
-    upper.to_device(device)
-    optimizer = methods.network_optimizer(upper, args.lr, args.momentum, args.weight_decay)
-    pipeline.UpperServer(comm, upper, optimizer, device=device,
-                         timeout=args.pipeline_timeout).serve()
+    pipeline.stage_server(
+        comm, args.method, depth=args.depth, splits=args.splits or [args.split],
+        alpha_gs=args.alpha_gs, lag=args.lag, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, jaderberg_scaled=args.jaderberg_scale,
+        vfbn_normalized_loss=args.vfbn_normalized_loss, device=device,
+        timeout=args.pipeline_timeout).serve()
 
 
 def train_on(args, comm):
@@ -354,7 +395,7 @@ def main(argv=None):
             return EXIT_INTERRUPTED
         command = [sys.executable, sys.argv[0], '--resume', args.out]
         if args.pipeline:
-            command = pipeline.launcher() + command
+            command = pipeline.launcher(modules(args)) + command
         print('%s: %s: continue with: %s' % (prog, said, ' '.join(shlex.quote(a) for a in command)),
               file=sys.stderr)
         return EXIT_INTERRUPTED

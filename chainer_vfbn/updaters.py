@@ -112,10 +112,8 @@ class _TwoHalves(StandardUpdater):
 
     @property
     def scale(self):
-        """``s``, the running RMS of the true delta (1 before the first delta)."""
-        if self.delta_ms is None:
-            return 1.0
-        return backend.get_array_module(self.delta_ms).sqrt(self.delta_ms)
+        """``s``, the running RMS of the true delta (:func:`rms_scale`)."""
+        return rms_scale(self.delta_ms)
 
     def next_batch(self):
         return self.converter(self.get_iterator('main').next(), self.device)
@@ -138,11 +136,7 @@ class _TwoHalves(StandardUpdater):
     def fold_delta(self, delta):
         """Fold a true delta into the running mean of delta^2 (SPEC section 3: after
         each upper-half backward)."""
-        ms = (delta * delta).mean()
-        if self.delta_ms is None:
-            self.delta_ms = ms
-        else:
-            self.delta_ms = self.delta_rms_decay * self.delta_ms + (1 - self.delta_rms_decay) * ms
+        self.delta_ms = fold_mean_square(self.delta_ms, delta, self.delta_rms_decay)
 
     def finish(self, h, delta_hat, delta, **watched):
         """The end of an iteration: stop on a non-finite value, report the
@@ -165,6 +159,24 @@ class _TwoHalves(StandardUpdater):
             if ms >= 0:
                 xp = self.lower.xp
                 self.delta_ms = xp.asarray(ms, dtype=xp.float32)
+
+
+def rms_scale(ms):
+    """``s`` from the running mean square ``ms`` of delta: its root, and 1 before the
+    first delta and while every delta so far was exactly zero (in a pipeline of more
+    than two modules, a module under a zero-initialised Jaderberg synthesizer gets
+    exactly zero gradients at first; dividing by s = 0 would make eq. 3 NaN). No
+    host synchronisation on a GPU."""
+    if ms is None:
+        return 1.0
+    xp = backend.get_array_module(ms)
+    return xp.sqrt(xp.where(ms > 0, ms, 1))
+
+
+def fold_mean_square(ms, delta, decay):
+    """The running mean of delta^2 after one more delta (None before the first)."""
+    m = (delta * delta).mean()
+    return m if ms is None else decay * ms + (1 - decay) * m
 
 
 def upper_step(upper, optimizer, h, t):

@@ -29,10 +29,11 @@ TINY = ['--depth', '1', '--train-images', '40', '--test-images', '8', '--batchsi
         '--eval-every', '2', '--snapshot-every', '2', '--eval-views', '1', '--threads', '1']
 
 
-def mpiexec(*argv):
-    """``mpiexec -n 2 python train.py ARGV...`` (a stuck rank gives up after 60 s)."""
-    return subprocess.run([MPIEXEC, '-n', '2', sys.executable, os.path.join(REPO_ROOT, 'train.py'),
-                           '--pipeline', '--pipeline-timeout', '60'] + [str(a) for a in argv],
+def mpiexec(*argv, n=2):
+    """``mpiexec -n N python train.py ARGV...`` (a stuck rank gives up after 60 s)."""
+    return subprocess.run([MPIEXEC, '-n', str(n), sys.executable,
+                           os.path.join(REPO_ROOT, 'train.py'), '--pipeline',
+                           '--pipeline-timeout', '60'] + [str(a) for a in argv],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
 
 
@@ -109,10 +110,67 @@ def test_evaluate_reads_the_assembled_network(tmp_path, cifar_archive):
     assert json.loads(proc.stdout)['test_error'] == result['test_error']
 
 
+@pytest.mark.parametrize('synth', ['vfbn', 'jaderberg-linear'])
+def test_three_modules_train_log_every_synthesizer_and_resume_exactly(tmp_path, cifar_archive,
+                                                                    synth):
+    """--depth 1 has units 0, 1, 2: modules [conv1, unit 0], [unit 1], [unit 2, fc],
+    two synthesizers (after units 0 and 1). At lag 1 a snapshot holds pending batches
+    on rank 0 and on the middle rank: stopped at 4 and resumed to 6, the run ends with
+    the weights of the uninterrupted run."""
+    argv = TINY + ['--data-dir', cifar_archive, '--synth', synth, '--splits', 1, 2,
+                   '--lag', 1]
+    full = mpiexec(*argv, '--iterations', 6, '--out', tmp_path / 'full', n=3)
+    assert full.returncode == 0, full.stderr
+    entries = log(tmp_path / 'full')
+    for e in entries[1:]:
+        for key in ('main/loss', 'synth/loss', 'synth1/loss', 'synth1/cosine'):
+            assert numpy.isfinite(e[key]), key
+    assert 'in 3 modules, before unit indices 1, 2' in full.stdout
+    with open(tmp_path / 'full' / 'result.json') as f:
+        result = json.load(f)
+    proc = run_main('evaluate.py', tmp_path / 'full', '--json', '-')
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)['test_error'] == result['test_error']
+
+    part = mpiexec(*argv, '--iterations', 4, '--out', tmp_path / 'part', n=3)
+    assert part.returncode == 0, part.stderr
+    resumed = mpiexec('--resume', tmp_path / 'part', '--iterations', 6, n=3)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_weights(weights(tmp_path / 'full'), weights(tmp_path / 'part'))
+
+
+def test_balance_records_the_cuts_it_chose_and_a_resumed_run_keeps_them(tmp_path,
+                                                                       cifar_archive):
+    argv = TINY + ['--data-dir', cifar_archive, '--synth', 'vfbn', '--balance']
+    first = mpiexec(*argv, '--iterations', 2, '--out', tmp_path / 'b', n=3)
+    assert first.returncode == 0, first.stderr
+    chosen = re.search(r'# --balance: cuts (\d+) (\d+), modules ', first.stdout)
+    assert chosen, first.stdout
+    with open(tmp_path / 'b' / 'args.json') as f:
+        recorded = json.load(f)
+    cuts = [int(c) for c in chosen.groups()]
+    assert recorded['splits'] == cuts and recorded['split'] == cuts[0]
+    assert 0 <= cuts[0] < cuts[1] <= 3
+
+    resumed = mpiexec('--resume', tmp_path / 'b', '--iterations', 4, n=3)
+    assert resumed.returncode == 0, resumed.stderr
+    assert 'timing the stages' not in resumed.stdout
+    with open(tmp_path / 'b' / 'args.json') as f:
+        assert json.load(f)['splits'] == cuts
+
+
 @pytest.mark.parametrize('argv, says', [
     (['--synth', 'vfbn', '--pipeline'], 'mpiexec -n 2'),
     (['--synth', 'vfbn', '--lag', '1'], 'needs --pipeline'),
     (['--method', 'bp', '--pipeline'], 'give --synth'),
+    (['--synth', 'vfbn', '--pipeline', '--splits', '1', '2'], 'mpiexec -n 3'),
+    (['--synth', 'vfbn', '--splits', '1', '2'], 'give --split'),
+    (['--synth', 'vfbn', '--pipeline', '--splits', '2', '1'], 'increasing unit boundaries'),
+    (['--synth', 'vfbn', '--pipeline', '--splits', '1', '4'], 'in [0, 3] for --depth 1'),
+    (['--synth', 'vfbn', '--pipeline', '--split', '2', '--splits', '1', '2'], 'disagree'),
+    (['--synth', 'vfbn', '--balance'], 'give --pipeline'),
+    (['--synth', 'vfbn', '--pipeline', '--balance', '--split', '2'], 'leave out --split'),
+    (['--synth', 'vfbn', '--pipeline', '--balance'], 'K >= 2'),
 ])
 def test_a_wrong_launch_is_one_line(tmp_path, cifar_archive, argv, says):
     proc = run_main('train.py', *TINY, '--data-dir', cifar_archive, '--out', tmp_path / 'o',
