@@ -124,6 +124,26 @@ def run(kind, args, threads, cuts=None):
             return json.load(f)
 
 
+def run_pair(args):
+    """Seconds per step of two one-thread decoupled runs in two processes at once (the
+    mean of the two): how much two busy processes slow each other on this machine."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', OPENBLAS_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    with tempfile.TemporaryDirectory() as tmp:
+        results = [os.path.join(tmp, 'result%d.json' % i) for i in range(2)]
+        procs = [subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), '--measure', 'decoupled',
+             '--depth', str(args.depth), '--batch', str(args.batch), '--steps', str(args.steps),
+             '--result', result], env=env) for result in results]
+        for proc in procs:
+            if proc.wait(timeout=3600):
+                raise RuntimeError('a measuring process failed')
+        seconds = []
+        for result in results:
+            with open(result) as f:
+                seconds.append(json.load(f))
+        return statistics.mean(seconds)
+
+
 def report(res):
     cores = res['cores']
     t = res['seconds_per_step']
@@ -221,10 +241,19 @@ def cuts_report(res):
             ' '.join(map(str, cuts)), name.replace('_', ' '), len(cuts) + 1,
             ' + '.join('%.3f' % x for x in times), ideal, measured, res['batch'] / measured,
             t1 / measured, 100 * ideal / measured))
-    lines += [
-        '',
-        'With %d cores, three processes share them: the K = 3 row is not one core per rank.'
-        % res['cores'] if res['cores'] < 3 else '']
+    if 'decoupled1_pair' in res['seconds_per_step']:
+        pair = res['seconds_per_step']['decoupled1_pair']
+        lines += [
+            '',
+            'Two busy processes at once: two one-thread decoupled runs side by side take '
+            '%.3f s/step each, against %.3f s/step alone, so on this machine two processes '
+            'run at %.0f%% of the speed of one each. The ideal above assumes 100%%: a '
+            'pipeline whose modules are all busy (the balanced cuts) loses about that much, '
+            'one whose upper module idles most of the step (the paper\'s cut) much less.'
+            % (pair, t1, 100 * t1 / pair)]
+    if res['cores'] < 3:
+        lines += ['', 'With %d cores, three processes share them: the K = 3 row is not one '
+                  'core per rank.' % res['cores']]
     return lines
 
 
@@ -267,11 +296,14 @@ def main():
                 ('balanced_K2', balance.best_cuts(costs, 2)[0]),
                 ('balanced_K3', balance.best_cuts(costs, 3)[0])]
     times = {k: [] for k, _ in kinds}
-    times.update({name: [] for name, _ in cut_runs[1:]})
+    times.update({name: [] for name, _ in cut_runs[1:]}, decoupled1_pair=[])
     for r in range(args.rounds):
         for kind, threads in kinds:
             times[kind].append(run('decoupled' if kind == 'decoupled1' else kind, args, threads))
             print('round %d %-10s %.3f s/step' % (r + 1, kind, times[kind][-1]), flush=True)
+        times['decoupled1_pair'].append(run_pair(args))
+        print('round %d %-10s %.3f s/step (two at once)' % (r + 1, 'decoupled1',
+                                                          times['decoupled1_pair'][-1]), flush=True)
         for name, cuts in cut_runs[1:]:
             times[name].append(run('pipeline0', args, 1, cuts))
             print('round %d %-10s %.3f s/step (cuts %s)' % (r + 1, name, times[name][-1], cuts),
