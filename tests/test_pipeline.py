@@ -111,6 +111,93 @@ def test_evaluate_reads_the_assembled_network(tmp_path, cifar_archive):
 
 
 @pytest.mark.parametrize('synth', ['vfbn', 'jaderberg-linear'])
+def test_three_modules_at_lag_0_are_the_sequential_schedule_bit_for_bit(tmp_path,
+                                                                       cifar_archive, synth):
+    """The oracle: the three-module schedule written out in one process, with momentum
+    SGD and weight decay by hand (Chainer's CPU arithmetic, operation for operation)
+    and Chainer's Adam, from the initial weights the ranks build (rank 0's networks,
+    which it sends up; rank 1's synthesizer, made after the networks). --depth 1
+    --splits 1 2: module 0 is conv1 and unit 0, module 1 unit 1 (a synthesizer after
+    it), module 2 unit 2 and fc. The scale s at a cut is 1 until a true delta there
+    is not all zeros (docs/PIPELINE.md); Jaderberg's Linear depends on it."""
+    import chainer
+    import chainer.functions as F
+    import threadpoolctl
+    from chainer_vfbn import arguments, data, methods, model, training
+
+    argv = TINY + ['--data-dir', cifar_archive, '--synth', synth, '--splits', 1, 2,
+                   '--iterations', 3, '--eval-every', 3, '--snapshot-every', 3]
+    run = mpiexec(*argv, '--out', tmp_path / 'run', n=3)
+    assert run.returncode == 0, run.stderr
+
+    args = arguments.parse_args([str(a) for a in argv] + ['--pipeline', '--out',
+                                                           str(tmp_path / 'o')])
+    device = chainer.get_device('@numpy')
+    with threadpoolctl.threadpool_limits(limits=1):
+        training.seed_everything(0, device)          # rank 1
+        methods.build_networks('vfbn', depth=1, split=1)
+        synth1 = methods.make_synthesizer(synth, model.channels_at(1, 2))
+        training.seed_everything(0, device)          # rank 0
+        train_set, _ = training.load_data(args)
+        batches = data.BatchIterator(train_set, 8, repeat=True,
+                                     order_sampler=training.SeededShuffle(0))
+        nets = methods.build_networks(synth, depth=1, split=1)
+        lower, upper, synth0 = (nets.trained[k] for k in ('lower', 'upper', 'synth'))
+        velocity = {}
+
+        def momentum_sgd(*links):   # each module's own update: its parameters only
+            for p in (p for link in links for p in link.params()):
+                g = p.grad + 1e-4 * p.array
+                v = velocity.setdefault(id(p), numpy.zeros_like(p.array))
+                v *= 0.9
+                v -= 0.1 * g
+                p.array += v
+
+        adams = []
+        for link in (synth0, synth1):
+            adams.append(chainer.optimizers.Adam(alpha=1e-3))
+            adams[-1].setup(link)
+        mean_square = [None, None]  # of the true delta at each cut
+
+        def s(k):
+            m = mean_square[k]
+            return 1.0 if m is None or m == 0 else numpy.sqrt(m)
+
+        for _ in range(3):
+            x, t = batches.next()
+            h0 = lower(x)                                    # rank 0
+            out0 = synth0(chainer.Variable(h0.array), t)
+            lower.cleargrads()
+            h0.grad = synth0.to_gradient(out0.array, s(0))
+            h0.backward()
+            momentum_sgd(lower)
+            h_in = chainer.Variable(h0.array)                # rank 1
+            h1 = upper.units[0](h_in)
+            out1 = synth1(chainer.Variable(h1.array), t)
+            upper.cleargrads()
+            h1.grad = synth1.to_gradient(out1.array, s(1))
+            h1.backward()
+            momentum_sgd(upper.units[0])
+            h_top = chainer.Variable(h1.array)               # rank 2
+            logits = upper.fc(F.average(upper.units[1](h_top), axis=(2, 3)))
+            upper.cleargrads()
+            F.softmax_cross_entropy(logits, t).backward()
+            momentum_sgd(upper.units[1], upper.fc)
+            for k, link, out, delta in ((0, synth0, out0, h_in.grad),
+                                        (1, synth1, out1, h_top.grad)):
+                m = (delta * delta).mean()                   # eq. 3 at each cut
+                mean_square[k] = m if mean_square[k] is None else \
+                    0.99 * mean_square[k] + 0.01 * m
+                e = link.loss(out, delta, s(k))
+                link.cleargrads()
+                e.backward()
+                adams[k].update()
+    chainer.serializers.save_npz(str(tmp_path / 'oracle.npz'), model.Net(lower, upper))
+    oracle = dict(numpy.load(str(tmp_path / 'oracle.npz')))
+    assert_same_weights(oracle, weights(tmp_path / 'run'))
+
+
+@pytest.mark.parametrize('synth', ['vfbn', 'jaderberg-linear'])
 def test_three_modules_train_log_every_synthesizer_and_resume_exactly(tmp_path, cifar_archive,
                                                                     synth):
     """--depth 1 has units 0, 1, 2: modules [conv1, unit 0], [unit 1], [unit 2, fc],
