@@ -268,10 +268,11 @@ def test_a_wrong_launch_is_one_line(tmp_path, cifar_archive, argv, says):
     assert not (tmp_path / 'o').exists()
 
 
-def interrupt_a_long_run(out, cifar_archive, act, *options):
-    """Start a pipeline run of many iterations into ``out``; once its log exists (the
-    ranks are in their loop), call ``act()``; return (exit status, stderr)."""
-    argv = [MPIEXEC, '-n', '2', sys.executable, os.path.join(REPO_ROOT, 'train.py'),
+def interrupt_a_long_run(out, cifar_archive, act, *options, n=2):
+    """Start a pipeline run of ``n`` processes and many iterations into ``out``; once
+    its log exists (the ranks are in their loop), call ``act()``; return (exit
+    status, stderr)."""
+    argv = [MPIEXEC, '-n', str(n), sys.executable, os.path.join(REPO_ROOT, 'train.py'),
             '--pipeline', *options, *TINY, '--eval-every', '1', '--data-dir', cifar_archive,
             '--synth', 'vfbn', '--iterations', '100000', '--out', str(out)]
     proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
@@ -289,20 +290,23 @@ def interrupt_a_long_run(out, cifar_archive, act, *options):
     return proc.returncode, stderr
 
 
+@pytest.mark.parametrize('n, splits', [(2, []), (3, ['--splits', '1', '2'])])
 def test_ctrl_c_on_the_launcher_snapshots_and_the_printed_command_resumes(tmp_path,
-                                                                          cifar_archive):
-    """SIGINT to mpiexec reaches both ranks: rank 0 saves a snapshot (with rank 1's
-    half and the pending batch) and prints the mpiexec command that continues."""
+                                                                          cifar_archive,
+                                                                          n, splits):
+    """SIGINT to mpiexec reaches every rank: rank 0 saves a snapshot (with the other
+    ranks' modules, synthesizers and pending batches) and prints the mpiexec command
+    that continues."""
     out = tmp_path / 'out'
     code, stderr = interrupt_a_long_run(out, cifar_archive,
                                         lambda proc: proc.send_signal(signal.SIGINT),
-                                        '--lag', '1')
+                                        '--lag', '1', *splits, n=n)
     assert code == 130, stderr
     m = re.search(r'interrupted at iteration (\d+); a snapshot was saved: continue with: '
                   r'(.*)$', stderr.strip())
     assert m, stderr
     iteration, command = int(m.group(1)), m.group(2).split()
-    assert command[:3] == [MPIEXEC, '-n', '2'] and command[-2:] == ['--resume', str(out)]
+    assert command[:3] == [MPIEXEC, '-n', str(n)] and command[-2:] == ['--resume', str(out)]
     resumed = subprocess.run(command + ['--iterations', str(iteration + 2)], cwd=REPO_ROOT,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
