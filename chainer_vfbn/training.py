@@ -274,13 +274,14 @@ def train_on(args, comm):
         eval_trigger = (min(args.iterations, epoch_iters), 'iteration')
     snap_trigger = (args.snapshot_every, 'iteration') if args.snapshot_every else (1, 'epoch')
 
+    lr_shifts = []
     for opt in setup.scheduled:
         if args.lr_drops:
             drop = chainer.training.triggers.ManualScheduleTrigger(args.lr_drops, 'iteration')
         else:
             drop = chainer.training.triggers.IntervalTrigger(args.lr_drop_every, 'epoch')
-        trainer.extend(extensions.ExponentialShift('lr', config.LR_DROP_FACTOR, optimizer=opt),
-                       trigger=drop)
+        lr_shifts.append(extensions.ExponentialShift('lr', config.LR_DROP_FACTOR, optimizer=opt))
+        trainer.extend(lr_shifts[-1], trigger=drop)
     n_eval = args.eval_images or len(test_x)
     evaluator = TestErrorEvaluator(setup.predictor, test_x[:n_eval], test_y[:n_eval], device,
                                    args.eval_views)
@@ -316,6 +317,13 @@ def train_on(args, comm):
             raise UsageError('--resume %s does not fit this run (%s: %s); its args.json '
                              'does not describe the network the snapshot holds'
                              % (args.resume, type(e).__name__, str(e).splitlines()[0]))
+        # Chainer's Trainer skips an extension's initialize() once its trigger has
+        # finished, which a ManualScheduleTrigger has after its last point: without
+        # this, a run resumed after its last --lr-drops point would go on at the
+        # starting learning rate.
+        for shift in lr_shifts:
+            if shift._last_value is not None:
+                shift._optimizer.lr = shift._last_value
 
     # Only now, with every input checked, touch the output folder: a new run (or a
     # resumed one written elsewhere) starts in a folder without another run's files.

@@ -159,6 +159,26 @@ def test_resume_is_exact(trained, tmp_path, cifar_archive, method, alpha_gs):
         read_json(os.path.join(resumed, 'result.json'))['test_error']
 
 
+def test_resume_after_the_last_lr_drop_goes_on_at_the_dropped_rate(tmp_path, cifar_archive):
+    """--lr-drops 1 2: a run stopped at 2 (after the last drop) and resumed to 4 ends
+    as the uninterrupted run, at lr 0.001 (Chainer skips the lr extension's
+    initialize once its trigger is finished; train.py puts the rate back)."""
+    argv = TINY + ['--data-dir', cifar_archive, '--method', 'bp', '--lr-drops', 1, 2,
+                   '--eval-every', 1, '--snapshot-every', 2, '--eval-views', 1]
+    full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
+    assert script('train.py', *argv, '--iterations', 4, '--out', full).returncode == 0
+    assert script('train.py', *argv, '--iterations', 2, '--out', part).returncode == 0
+    proc = script('train.py', '--resume', part, '--iterations', 4)
+    assert proc.returncode == 0, proc.stderr
+    lrs = [entry['lr'] for entry in read_json(os.path.join(part, 'log'))]
+    assert lrs == [entry['lr'] for entry in read_json(os.path.join(full, 'log'))]
+    assert lrs[-1] == pytest.approx(0.001)
+    with numpy.load(os.path.join(full, 'model.npz')) as a, \
+            numpy.load(os.path.join(part, 'model.npz')) as b:
+        for name in a.files:
+            numpy.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
 # ---------------------------------------------------------------------------
 # (c) Bad input: exit 2, one line, nothing written.
 
