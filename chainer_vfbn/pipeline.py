@@ -289,7 +289,7 @@ def _window_state(window):
 def _window_from(state, device):
     return collections.deque(
         Batch(device.send(w['h']), device.send(w['t']), None, device.send(w['delta_hat']),
-               device.send(w['delta']), {}) for w in state)
+              device.send(w['delta']), {}) for w in state)
 
 
 class StageServer(object):
