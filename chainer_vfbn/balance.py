@@ -32,13 +32,20 @@ from chainer_vfbn import config, methods, model, pipeline
 REPEATS = 3
 
 
-def _seconds(step, repeats=REPEATS):
-    """Median wall time of ``step()`` after one warm-up call."""
+def _seconds(step, device, repeats=REPEATS):
+    """Median wall time of ``step()`` after one warm-up call (on a GPU, until its
+    kernels have finished)."""
+    def synchronize():
+        if device.xp is not numpy:
+            device.xp.cuda.Stream.null.synchronize()
+
     step()
     times = []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         step()
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -69,17 +76,17 @@ def stage_costs(method, depth, batchsize, *, device=None, jaderberg_scaled=True,
     def stem(x):
         return chainer.functions.relu(lower.bn1(lower.conv1(x)))
 
-    stem_cost = _seconds(lambda: _forward_backward(stem, x, lower))
+    stem_cost = _seconds(lambda: _forward_backward(stem, x, lower), device)
     h = _forward_backward(stem, x, lower)
     unit_cost, maps, kinds = [], [h], {}
     for unit in lower.units:
-        kind = (unit.conv1.W.shape, unit.stride)
+        kind = (unit.conv1.W.shape, unit.stride, h.shape)
         if kind not in kinds:
-            kinds[kind] = _seconds(lambda: _forward_backward(unit, h, unit))
+            kinds[kind] = _seconds(lambda: _forward_backward(unit, h, unit), device)
         unit_cost.append(kinds[kind])
         h = _forward_backward(unit, h, unit)
         maps.append(h)
-    head = _seconds(lambda: _forward_backward(upper.head, h, upper))
+    head = _seconds(lambda: _forward_backward(upper.head, h, upper), device)
 
     synth_cost, shapes = [], {}
     for h in maps:
@@ -97,7 +104,7 @@ def stage_costs(method, depth, batchsize, *, device=None, jaderberg_scaled=True,
                 batch = pipeline.Batch(h, t, out, None, delta, None)
                 pipeline.learn_synth(synth, optimizer, batch, 1.0, alpha_gs > 0)
 
-            shapes[h.shape] = _seconds(step)
+            shapes[h.shape] = _seconds(step, device)
         synth_cost.append(shapes[h.shape])
     return stem_cost, unit_cost, head, synth_cost
 

@@ -59,3 +59,15 @@ def test_an_expensive_synthesizer_moves_the_cut_to_where_it_is_cheap():
 def test_more_modules_than_boundaries_is_refused():
     with pytest.raises(ValueError, match='5 modules do not fit a network of 3 units'):
         balance.best_cuts(costs([1.0] * 3), 5)
+
+
+def test_stage_costs_times_every_part_of_a_small_network():
+    stem, units, head, synth = balance.stage_costs('jaderberg-linear', 1, 2)
+    assert len(units) == 3 and len(synth) == 4  # units 0..2, cuts before 0..3
+    assert min([stem, head] + units + synth) > 0
+    # The units of a block after its first are alike and timed once; ResBlock-2's
+    # and ResBlock-3's have the same weights' shapes but not the same maps (11x11,
+    # 6x6), and are timed apart.
+    units = balance.stage_costs('jaderberg-linear', 3, 2)[1]
+    assert units[1] == units[2] and units[4] == units[5] and units[7] == units[8]
+    assert units[5] != units[8]
