@@ -224,7 +224,10 @@ def cuts_report(res):
         'before unit 0..%d: %s s. Their sum for the paper\'s cut, %.3f s, against the '
         'one-thread decoupled step measured whole, %.3f s. A module\'s time is its parts\' '
         'sum; K modules on %d cores can at best take max(largest module, sum / cores) per '
-        'step (the ideal below). Lag 0.'
+        'step (the ideal below). Lag 0, where a module\'s eq. 3 waits for the true '
+        'gradient of the same batch: only the synthesizer\'s work before that wait '
+        'overlaps with the modules above, while the model counts all of it as overlapping '
+        '(at lag 1 nothing waits, and one more synthesizer forward is added).'
         % (res['batch'], stem, ' '.join('%.3f' % u for u in units), head, len(units),
            ' '.join('%.3f' % x for x in synth),
            sum(module_times(res, [model.paper_split(res['depth'])])), t1, res['cores']),
