@@ -19,7 +19,10 @@ slowest (``docs/PIPELINE.md``), so ``--balance`` cuts where the slowest is faste
 The measurement takes a few seconds to a minute; the cuts go into args.json as
 ``--splits``, so a rerun with those ``--splits`` (or ``--resume``) builds the same
 network without timing again. Times on another machine, or under other load, can
-choose other cuts: a run's cuts are a fact about the machine it ran on.
+choose other cuts: a run's cuts are a fact about the machine it ran on. The model
+lets a module's synthesizer work overlap with the modules above, as at lag >= 1; at
+lag 0 eq. 3 waits for the true gradient of the same batch and the chosen cuts can be
+slower than the paper's (docs/PIPELINE.md, measured).
 """
 import statistics
 import time
