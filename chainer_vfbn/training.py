@@ -221,6 +221,11 @@ def balanced_cuts(args, modules):
           % (' '.join(map(str, cuts)), times(cuts),
              ' (the paper\'s cut %d: %s s)' % (paper, times([paper])) if modules == 2 else ''),
           flush=True)
+    if args.lag == 0:
+        print('# --balance: its model lets each synthesizer\'s work overlap with the modules '
+              'above, as at --lag 1 or more; at lag 0 eq. 3 waits for the gradient of its '
+              'own batch and these cuts can be slower than the paper\'s (docs/PIPELINE.md)',
+              flush=True)
     return cuts
 
 

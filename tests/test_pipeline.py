@@ -238,6 +238,7 @@ def test_balance_records_the_cuts_it_chose_and_a_resumed_run_keeps_them(tmp_path
     cuts = [int(c) for c in chosen.groups()]
     assert recorded['splits'] == cuts and recorded['split'] == cuts[0]
     assert 0 <= cuts[0] < cuts[1] <= 3
+    assert 'at lag 0 eq. 3 waits' in first.stdout  # the model's limit, said at lag 0
 
     resumed = mpiexec('--resume', tmp_path / 'b', '--iterations', 4, n=3)
     assert resumed.returncode == 0, resumed.stderr
