@@ -299,13 +299,14 @@ class StageServer(object):
     snapshot and then says stop."""
 
     def __init__(self, comm, stage, optimizer, *, synth_optimizer=None, train_synth=True,
-                 lag=0, device=None, timeout=DEFAULT_TIMEOUT,
+                 lag=0, device=None, timeout=DEFAULT_TIMEOUT, diag_interval=1,
                  delta_rms_decay=config.DELTA_RMS_DECAY):
         self.mpi, self.rank, self.size = comm.mpi_comm, comm.rank, comm.size
         self.stage, self.optimizer, self.synth_optimizer = stage, optimizer, synth_optimizer
         self.train_synth, self.lag, self.timeout = train_synth, lag, timeout
         self.device = device or chainer.get_device('@numpy')
         self.delta_rms_decay = delta_rms_decay
+        self.diag_interval, self.steps = diag_interval, 0  # eq. 3 steps, for diag_interval
         self.delta_ms = None        # the running mean of the true delta^2 at the output
         self.window = collections.deque()
         self.stats = {}             # fidelity to send down with the next gradient
@@ -377,11 +378,11 @@ class StageServer(object):
             self.delta_ms = updaters.fold_mean_square(self.delta_ms, b.delta,
                                                       self.delta_rms_decay)
             e = learn_synth(self.synth, self.synth_optimizer, b, self.scale, self.train_synth)
-            seen = chainer.Reporter()
-            observed = {}
-            with seen.scope(observed):
-                updaters.report_fidelity(b.delta_hat, b.delta, b.h, self.scale)
-            observed['synth/loss'] = e.array
+            self.steps += 1
+            observed = {'synth/loss': e.array}
+            if self.diag_interval and self.steps % self.diag_interval == 0:
+                with chainer.Reporter().scope(observed):
+                    updaters.report_fidelity(b.delta_hat, b.delta, b.h, self.scale)
             prefix = 'synth%d/' % self.rank
             self.stats.update({prefix + k.split('/', 1)[1]: float(v)
                                for k, v in observed.items()})
@@ -421,7 +422,7 @@ class StageServer(object):
 def stage_server(comm, method, *, depth, splits, alpha_gs, lag=0, lr=config.LR,
                  momentum=config.MOMENTUM, weight_decay=config.WEIGHT_DECAY,
                  jaderberg_scaled=True, vfbn_normalized_loss=False, device=None,
-                 timeout=DEFAULT_TIMEOUT):
+                 timeout=DEFAULT_TIMEOUT, diag_interval=1):
     """The :class:`StageServer` of rank ``comm.rank`` > 0 in a run cut before the units
     ``splits`` (None: the paper's split): the upper half built as rank 0 builds it
     (seed the random numbers as rank 0 does first), its module of it, and below the
@@ -453,7 +454,8 @@ def stage_server(comm, method, *, depth, splits, alpha_gs, lag=0, lr=config.LR,
         synth_optimizer = chainer.optimizers.Adam(alpha=alpha_gs)
         synth_optimizer.setup(synth)
     return StageServer(comm, stage, optimizer, synth_optimizer=synth_optimizer,
-                       train_synth=alpha_gs > 0, lag=lag, device=device, timeout=timeout)
+                       train_synth=alpha_gs > 0, lag=lag, device=device, timeout=timeout,
+                       diag_interval=diag_interval)
 
 
 class PipelineUpdater(updaters._TwoHalves):

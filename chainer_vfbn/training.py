@@ -245,7 +245,7 @@ def serve_stage(args, comm):
         alpha_gs=args.alpha_gs, lag=args.lag, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, jaderberg_scaled=args.jaderberg_scale,
         vfbn_normalized_loss=args.vfbn_normalized_loss, device=device,
-        timeout=args.pipeline_timeout).serve()
+        timeout=args.pipeline_timeout, diag_interval=args.diag_interval).serve()
 
 
 def train_on(args, comm):
