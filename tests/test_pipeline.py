@@ -328,7 +328,7 @@ def test_a_silent_rank_ends_the_run_with_a_line_naming_it(tmp_path, cifar_archiv
     out = tmp_path / 'out'
     code, stderr = interrupt_a_long_run(out, cifar_archive, freeze_rank_1,
                                         '--pipeline-timeout', '3')
-    assert code != 0
+    assert code != 0 and stderr.strip(), (code, stderr)
     first = stderr.strip().splitlines()[0]
     assert first == ('train.py: error: no answer from rank 1 (the upper half) in 3 s; it '
                      'has stopped or is stuck (its output above says why)'), stderr
