@@ -34,8 +34,10 @@ updates only its own units. Rank 0 keeps a copy of the upper half that it fills 
 the other ranks (weights and optimizer state) before each evaluation and snapshot, so
 the trainer, the snapshots and ``evaluate.py`` see the whole network; a snapshot also
 holds each middle rank's synthesizer, its Adam state, its running RMS and its pending
-batches, and ``--resume`` sends all of it back. Every wait is bounded (``timeout``):
-a rank that stops answering ends the run with a message naming it, not a hang.
+batches, and ``--resume`` sends all of it back. Every wait for another rank's step is
+bounded (``timeout``): a rank that stops answering ends the run with a message naming
+it, not a hang. The exception is the other ranks' wait while rank 0 evaluates or
+writes a snapshot (after a ``get``): that takes as long as it takes.
 
 The fidelity of a middle rank's synthesizer is logged as ``synthK/loss``,
 ``synthK/cosine``, ... (K its rank), one batch later than rank 0's ``synth/...``: it
@@ -140,10 +142,11 @@ class PullUpper(chainer.training.Extension):
 # -- messages ------------------------------------------------------------------------
 
 def _poll(done, timeout, what):
-    """Call ``done()`` until it is true, for at most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
+    """Call ``done()`` until it is true, for at most ``timeout`` seconds (None: no
+    limit)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     while not done():
-        if time.monotonic() > deadline:
+        if deadline is not None and time.monotonic() > deadline:
             raise PipelineError('no answer from %s in %.0f s; it has stopped or is stuck '
                                 '(its output above says why)' % (what, timeout))
         time.sleep(POLL_SECONDS)
@@ -330,9 +333,10 @@ class StageServer(object):
     def serve(self):
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, signal.SIG_IGN)
+        timeout = self.timeout
         while True:
-            command = _recv_object(self.mpi, 0, TAG_COMMAND, self.timeout, _rank_name(0, 1))
-            kind = command[0]
+            command = _recv_object(self.mpi, 0, TAG_COMMAND, timeout, _rank_name(0, 1))
+            kind, timeout = command[0], self.timeout
             if kind == 'batch':
                 self.optimizer.lr, self.optimizer.epoch = command[1:]
                 (h, t), _ = recv_arrays(self.mpi, self.rank - 1, self.timeout, self.below)
@@ -343,6 +347,10 @@ class StageServer(object):
                     self.middle_step(h, t)
             elif kind == 'get':
                 self.mpi.send(self.state(), dest=0, tag=TAG_STATE)
+                # Rank 0 now evaluates or writes a snapshot, alone, for as long as
+                # that takes (a 36-view test can take an hour on a CPU); if it fails
+                # meanwhile, it exits and the launcher ends this rank.
+                timeout = None
             elif kind == 'set':
                 self.load(*command[1:])
             elif kind == 'stop':

@@ -334,6 +334,42 @@ def test_a_silent_rank_ends_the_run_with_a_line_naming_it(tmp_path, cifar_archiv
                      'has stopped or is stuck (its output above says why)'), stderr
 
 
+RANK_0_GOES_QUIET = """
+import sys, time
+import chainer_vfbn
+from chainer_vfbn import pipeline
+comm = pipeline.connect(2)
+asked = sys.argv[1] == 'after-get'
+if comm.rank == 0:
+    comm.mpi_comm.Barrier()  # rank 1 has built its module
+    if asked:  # as before an evaluation: take the other rank's state, then work alone
+        comm.mpi_comm.send(('get',), dest=1, tag=pipeline.TAG_COMMAND)
+        comm.mpi_comm.recv(source=1, tag=pipeline.TAG_STATE)
+    time.sleep(3)
+    pipeline.stop(comm)
+else:
+    server = pipeline.stage_server(comm, 'vfbn', depth=1, splits=None, alpha_gs=1e-3,
+                                   timeout=1)
+    comm.mpi_comm.Barrier()
+    try:
+        server.serve()
+        print('served to the end')
+    except pipeline.PipelineError as e:
+        print('gave up:', e)
+"""
+
+
+@pytest.mark.parametrize('when, says', [('after-get', 'served to the end'),
+                                        ('before-any-get', 'gave up: no answer from rank 0')])
+def test_a_rank_waits_without_limit_only_while_rank_0_works_alone(when, says):
+    """Rank 0 quiet for 3 s, the others' timeout 1 s: after a ``get`` (rank 0 then
+    evaluates or writes a snapshot, which can take hours) they wait; at any other
+    time they give up."""
+    ran = subprocess.run([MPIEXEC, '-n', '2', sys.executable, '-c', RANK_0_GOES_QUIET, when],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert says in ran.stdout, (ran.stdout, ran.stderr)
+
+
 def _environ(pid):
     try:
         with open('/proc/%s/environ' % pid, 'rb') as f:
