@@ -312,7 +312,7 @@ class StageServer(object):
         self.train_synth, self.lag, self.timeout = train_synth, lag, timeout
         self.device = device or chainer.get_device('@numpy')
         self.delta_rms_decay = delta_rms_decay
-        self.diag_interval, self.steps = diag_interval, 0  # eq. 3 steps, for diag_interval
+        self.diag_interval = diag_interval
         self.delta_ms = None        # the running mean of the true delta^2 at the output
         self.window = collections.deque()
         self.stats = {}             # fidelity to send down with the next gradient
@@ -338,13 +338,13 @@ class StageServer(object):
             command = _recv_object(self.mpi, 0, TAG_COMMAND, timeout, _rank_name(0, 1))
             kind, timeout = command[0], self.timeout
             if kind == 'batch':
-                self.optimizer.lr, self.optimizer.epoch = command[1:]
+                self.optimizer.lr, self.optimizer.epoch, iteration = command[1:]
                 (h, t), _ = recv_arrays(self.mpi, self.rank - 1, self.timeout, self.below)
                 h, t = self.device.send(h), self.device.send(t)
                 if self.synth_optimizer is None:
                     self.top_step(h, t)
                 else:
-                    self.middle_step(h, t)
+                    self.middle_step(h, t, iteration)
             elif kind == 'get':
                 self.mpi.send(self.state(), dest=0, tag=TAG_STATE)
                 # Rank 0 now evaluates or writes a snapshot, alone, for as long as
@@ -368,8 +368,10 @@ class StageServer(object):
         self.outbox.object(0, TAG_MAIN, {'main/loss': cpu.send(loss.array),
                                          'main/accuracy': cpu.send(accuracy.array)})
 
-    def middle_step(self, h_in, t):
-        """Steps 1 to 3 of the module docstring on a middle rank."""
+    def middle_step(self, h_in, t, iteration):
+        """Steps 1 to 3 of the module docstring on a middle rank; ``iteration`` is rank
+        0's (the fidelity is reported on the iterations on which rank 0 reports its
+        own)."""
         h_in = chainer.Variable(h_in)
         h = self.stage(h_in)
         self.outbox.arrays(self.rank + 1, None, h.array, t)
@@ -389,9 +391,8 @@ class StageServer(object):
             self.delta_ms = updaters.fold_mean_square(self.delta_ms, b.delta,
                                                       self.delta_rms_decay)
             e = learn_synth(self.synth, self.synth_optimizer, b, self.scale, self.train_synth)
-            self.steps += 1
             observed = {'synth/loss': e.array}
-            if self.diag_interval and self.steps % self.diag_interval == 0:
+            if self.diag_interval and (iteration + 1) % self.diag_interval == 0:
                 with chainer.Reporter().scope(observed):
                     updaters.report_fidelity(b.delta_hat, b.delta, b.h, self.scale)
             prefix = 'synth%d/' % self.rank
@@ -409,7 +410,7 @@ class StageServer(object):
 
     def state(self):
         """This rank's part of a snapshot: its module's weights and optimizer state,
-        and its synthesizer's side."""
+        and its synthesizer's side (with the fidelity numbers not yet sent down)."""
         own = {k: v for k, v in state_of(self.stage.upper, self.optimizer).items()
                if self.stage.owns(k)}
         if self.synth_optimizer is None:
@@ -419,7 +420,7 @@ class StageServer(object):
         return own, {'synth': {k: cpu.send(v) for k, v in
                                state_of(self.synth, self.synth_optimizer).items()},
                      'delta_ms': None if self.delta_ms is None else float(self.delta_ms),
-                     'window': _window_state(self.window)}
+                     'window': _window_state(self.window), 'stats': dict(self.stats)}
 
     def load(self, upper_state, side):
         load_state(upper_state, self.stage.upper, self.optimizer)
@@ -428,6 +429,7 @@ class StageServer(object):
             self.delta_ms = None if side['delta_ms'] is None else \
                 self.device.xp.asarray(side['delta_ms'], dtype=numpy.float32)
             self.window = _window_from(side['window'], self.device)
+            self.stats = dict(side['stats'])
 
 
 def stage_server(comm, method, *, depth, splits, alpha_gs, lag=0, lr=config.LR,
@@ -531,7 +533,8 @@ class PipelineUpdater(updaters._TwoHalves):
     def send_batch(self, h, t):
         upper = self.get_optimizer('upper')
         for rank in range(1, self.size):
-            self.mpi.send(('batch', upper.lr, upper.epoch), dest=rank, tag=TAG_COMMAND)
+            self.mpi.send(('batch', upper.lr, upper.epoch, self.iteration), dest=rank,
+                          tag=TAG_COMMAND)
         self.outbox.arrays(1, None, h, t)
 
     def receive(self, b):
