@@ -292,6 +292,17 @@ def _window_state(window):
             for b in window]
 
 
+def _pending_report(s):
+    """The report of a pending batch in rank 0's snapshot. Snapshots written before
+    it kept the middle ranks' fidelity (b00b095 and earlier) have only the loss and
+    the accuracy."""
+    try:
+        keys = s('report_keys', None)
+    except KeyError:
+        return {'main/loss': s('loss', None), 'main/accuracy': s('accuracy', None)}
+    return {str(key): s['report'](str(key), None) for key in keys}
+
+
 def _window_from(state, device):
     return collections.deque(
         Batch(device.send(w['h']), device.send(w['t']), None, device.send(w['delta_hat']),
@@ -596,15 +607,18 @@ class PipelineUpdater(updaters._TwoHalves):
                 s = serializer['pending%d' % i]
                 for name, array in w.items():
                     s(name, array)
-                s('loss', b.report['main/loss'])
-                s('accuracy', b.report['main/accuracy'])
+                # What came with its delta: the loss and the middle ranks' fidelity.
+                keys = sorted(b.report)
+                s('report_keys', numpy.array(keys))
+                for key in keys:
+                    s['report'](key, numpy.asarray(b.report[key]))
         else:
             window = []
             for i in range(int(n)):
                 s = serializer['pending%d' % i]
                 arrays = {name: self.lower.device.send(s(name, None))
                           for name in ('h', 't', 'delta_hat', 'delta')}
-                report = {'main/loss': s('loss', None), 'main/accuracy': s('accuracy', None)}
+                report = _pending_report(s)
                 window.append(Batch(arrays['h'], arrays['t'], None, arrays['delta_hat'],
                                      arrays['delta'], report))
             self.window = collections.deque(window)
