@@ -24,7 +24,7 @@ import chainer
 import numpy
 
 from chainer_vfbn import config, data, methods, runs
-from chainer_vfbn.evaluation import final_test_errors, test_errors
+from chainer_vfbn.evaluation import PassProgress, final_test_errors, test_errors
 from chainer_vfbn.runs import EXIT_BAD_INPUT, UsageError, read_json, write_json
 
 DEFAULT_WEIGHTS = 'model.npz'
@@ -216,10 +216,11 @@ def evaluate(args):
     if n_images != 'all':
         test_x, test_y = test_x[:n_images], test_y[:n_images]
 
+    progress = PassProgress(sys.stderr, 60.0)  # stdout may be the --json output
     if views == config.N_VIEWS and tta and tta < len(test_x):
-        errors = final_test_errors(predictor, test_x, test_y, device, tta)
+        errors = final_test_errors(predictor, test_x, test_y, device, tta, progress=progress)
     else:
-        errors = test_errors(predictor, test_x, test_y, device, views)
+        errors = test_errors(predictor, test_x, test_y, device, views, progress=progress)
     return {
         'run': run_dir, 'weights': weights, 'weights_kind': kind, 'iteration': iteration,
         'method': method, 'alpha_gs': run_args.get('alpha_gs'),

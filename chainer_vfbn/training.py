@@ -20,7 +20,7 @@ from chainer.training import extensions
 
 from chainer_vfbn import (arguments, balance, config, data, methods, model, pipeline, runs,
                           updaters)
-from chainer_vfbn.evaluation import TestErrorEvaluator, final_test_errors
+from chainer_vfbn.evaluation import PassProgress, TestErrorEvaluator, final_test_errors
 from chainer_vfbn.runs import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, UsageError
 
 
@@ -288,8 +288,9 @@ def train_on(args, comm):
         lr_shifts.append(extensions.ExponentialShift('lr', config.LR_DROP_FACTOR, optimizer=opt))
         trainer.extend(lr_shifts[-1], trigger=drop)
     n_eval = args.eval_images or len(test_x)
+    test_progress = PassProgress(sys.stdout, args.progress_every)
     evaluator = TestErrorEvaluator(setup.predictor, test_x[:n_eval], test_y[:n_eval], device,
-                                   args.eval_views)
+                                   args.eval_views, progress=test_progress)
     if comm is not None:  # rank 0's copy of the upper half, from rank 1
         trainer.extend(pipeline.PullUpper(), trigger=eval_trigger)
     trainer.extend(evaluator, trigger=eval_trigger)
@@ -357,7 +358,8 @@ def train_on(args, comm):
         final = evaluator.final(trainer)
     else:
         tta = args.tta_images or (len(test_x) if args.eval_views == config.N_VIEWS else 0)
-        final = final_test_errors(setup.predictor, test_x, test_y, device, tta)
+        final = final_test_errors(setup.predictor, test_x, test_y, device, tta,
+                                  progress=test_progress)
     snapshot(trainer)
     chainer.serializers.save_npz(os.path.join(args.out, 'model.npz'), setup.predictor)
     result.update(status='finished', iteration=setup.updater.iteration,
