@@ -11,8 +11,8 @@ configuration in a fresh process (or ``mpiexec -n K`` job), the whole set repeat
 * backprop and the one-process decoupled step with all the CPUs' threads;
 * the one-process decoupled step on one thread (what the pipeline splits);
 * the pipeline (``train.py --pipeline``'s updater and servers) at the paper's cut at
-  lags 0, 1 and 2, and at lag 0 at the cuts ``--balance`` picks for K = 2 and K = 3
-  modules, one thread per rank.
+  lags 0, 1 and 2, and at the cuts ``--balance`` picks for K = 2 (lags 0 and 1) and
+  K = 3 (lag 0) modules, one thread per rank.
 
 Stage times, on one thread in one process: the upper stage is
 :func:`~chainer_vfbn.updaters.upper_step`; the lower stage is the rest of the
@@ -162,8 +162,9 @@ def report(res):
            res['depth'], 6 * res['depth'] + 2, res['batch'], res['steps'], WARMUP,
            res['rounds'], res['load'][0], res['load'][1]),
         '',
-        '| configuration | threads | s/step | images/s | vs backprop | vs 1-thread decoupled |',
-        '|---|---|---|---|---|---|',
+        '| configuration | threads | s/step | each round | images/s | vs backprop | '
+        'vs 1-thread decoupled |',
+        '|---|---|---|---|---|---|---|',
     ]
     names = [('bp', 'backprop, one process', cores), ('decoupled', 'decoupled, one process',
                                                      cores),
@@ -171,8 +172,8 @@ def report(res):
     names += [('pipeline%d' % d, 'pipeline, lag %d (2 processes)' % d, '1 + 1')
               for d in (0, 1, 2)]
     for key, label, threads in names:
-        lines.append('| %s | %s | %.3f | %.1f | %.2f | %.2f |' % (
-            label, threads, t[key], ips[key], ips[key] / ips['bp'],
+        lines.append('| %s | %s | %.3f | %s | %.1f | %.2f | %.2f |' % (
+            label, threads, t[key], rounds(res, key), ips[key], ips[key] / ips['bp'],
             ips[key] / ips['decoupled1']))
     lines += [
         '',
@@ -204,6 +205,12 @@ def report(res):
     return '\n'.join(lines) + '\n'
 
 
+def rounds(res, key):
+    """Every round's s/step of ``key``: how far apart they are says how quiet the
+    machine was."""
+    return ' / '.join('%.2f' % x for x in res['all_seconds'][key])
+
+
 def module_times(res, cuts):
     bounds = [0] + list(cuts) + [3 * res['depth']]
     return [balance.module_time(res['costs'], a, b, i == len(cuts))
@@ -232,18 +239,23 @@ def cuts_report(res):
            ' '.join('%.3f' % x for x in synth),
            sum(module_times(res, [model.paper_split(res['depth'])])), t1, res['cores']),
         '',
-        '| cuts | processes | module times (s) | ideal s/step | measured s/step | images/s | '
-        'speed-up over 1-thread decoupled | fraction of the ideal |',
-        '|---|---|---|---|---|---|---|---|',
+        '| cuts | lag | processes | module times (s) | ideal s/step | measured s/step | '
+        'each round | images/s | speed-up over 1-thread decoupled | fraction of the ideal |',
+        '|---|---|---|---|---|---|---|---|---|---|',
     ]
-    for name, cuts in res['cut_runs']:
+    for name, cuts, *lag in res['cut_runs']:
+        lag = lag[0] if lag else 0  # a run of 2026-12-03 and before measured lag 0 only
         times = module_times(res, cuts)
         ideal = max(max(times), sum(times) / min(res['cores'], len(times)))
         measured = res['seconds_per_step'][name]
-        lines.append('| %s (%s) | %d | %s | %.3f | %.3f | %.1f | %.2fx | %.0f%% |' % (
-            ' '.join(map(str, cuts)), name.replace('_', ' '), len(cuts) + 1,
-            ' + '.join('%.3f' % x for x in times), ideal, measured, res['batch'] / measured,
-            t1 / measured, 100 * ideal / measured))
+        lines.append('| %s (%s) | %d | %d | %s | %.3f | %.3f | %s | %.1f | %.2fx | %.0f%% |' % (
+            ' '.join(map(str, cuts)), name.split('_lag')[0].replace('_', ' '), lag,
+            len(cuts) + 1, ' + '.join('%.3f' % x for x in times), ideal, measured,
+            rounds(res, name), res['batch'] / measured, t1 / measured, 100 * ideal / measured))
+    if any(entry[2:] and entry[2] for entry in res['cut_runs']):
+        lines += ['', 'At lag 1 the ideal leaves out the synthesizer forward that the lag '
+                  'adds to every module but the last (%.3f s at the paper\'s cut, more at an '
+                  'earlier one).' % res['stages']['synth_forward']]
     if 'decoupled1_pair' in res['seconds_per_step']:
         pair = res['seconds_per_step']['decoupled1_pair']
         lines += [
@@ -295,11 +307,13 @@ def main():
     import threadpoolctl
     with threadpoolctl.threadpool_limits(limits=1):
         costs = balance.stage_costs('vfbn', args.depth, args.batch, alpha_gs=1e-3)
-    cut_runs = [('paper', [model.paper_split(args.depth)]),
-                ('balanced_K2', balance.best_cuts(costs, 2)[0]),
-                ('balanced_K3', balance.best_cuts(costs, 3)[0])]
+    # (name, cuts, lag): the paper's cut is the pipeline0 run above.
+    cut_runs = [('paper', [model.paper_split(args.depth)], 0),
+                ('balanced_K2', balance.best_cuts(costs, 2)[0], 0),
+                ('balanced_K2_lag1', balance.best_cuts(costs, 2)[0], 1),
+                ('balanced_K3', balance.best_cuts(costs, 3)[0], 0)]
     times = {k: [] for k, _ in kinds}
-    times.update({name: [] for name, _ in cut_runs[1:]}, decoupled1_pair=[])
+    times.update({name: [] for name, _, _ in cut_runs[1:]}, decoupled1_pair=[])
     for r in range(args.rounds):
         for kind, threads in kinds:
             times[kind].append(run('decoupled' if kind == 'decoupled1' else kind, args, threads))
@@ -307,10 +321,10 @@ def main():
         times['decoupled1_pair'].append(run_pair(args))
         print('round %d %-10s %.3f s/step (two at once)' % (r + 1, 'decoupled1',
                                                           times['decoupled1_pair'][-1]), flush=True)
-        for name, cuts in cut_runs[1:]:
-            times[name].append(run('pipeline0', args, 1, cuts))
-            print('round %d %-10s %.3f s/step (cuts %s)' % (r + 1, name, times[name][-1], cuts),
-                  flush=True)
+        for name, cuts, lag in cut_runs[1:]:
+            times[name].append(run('pipeline%d' % lag, args, 1, cuts))
+            print('round %d %-10s %.3f s/step (cuts %s, lag %d)'
+                  % (r + 1, name, times[name][-1], cuts, lag), flush=True)
     times['paper'] = times['pipeline0']
     with threadpoolctl.threadpool_limits(limits=1):
         lower, upper, synth = stage_times(args.depth, args.batch, args.steps)
