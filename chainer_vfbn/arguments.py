@@ -144,7 +144,8 @@ def build_parser():
                    help='progress bar (default: when printing to a terminal; otherwise '
                         'a plain line every --progress-every seconds)')
     g.add_argument('--progress-every', type=float, default=60.0, metavar='SECONDS',
-                   help='without a progress bar, print a progress line this often')
+                   help='print a progress line this often without a progress bar, and '
+                        'during a long pass over the test images')
     return p
 
 
