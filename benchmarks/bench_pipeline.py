@@ -2,6 +2,8 @@
 """Throughput of the pipeline against one-process training, on the CPU.
 
     python benchmarks/bench_pipeline.py --out benchmarks/pipeline   # pipeline.{json,md}
+    python benchmarks/bench_pipeline.py --compare 0:5 1:5 1:1 1:0 --rounds 3 \
+        --out benchmarks/pipeline-cuts                               # LAG:CUTS, in turn
 
 Every number is the images/s of training steps of VFBN (alpha_gs = 1e-3) or backprop
 on random images (batch 128, the depth given), timed after two warm-up steps, each
@@ -13,6 +15,9 @@ configuration in a fresh process (or ``mpiexec -n K`` job), the whole set repeat
 * the pipeline (``train.py --pipeline``'s updater and servers) at the paper's cut at
   lags 0, 1 and 2, and at the cuts ``--balance`` picks for K = 2 (lags 0 and 1) and
   K = 3 (lag 0) modules, one thread per rank.
+
+``--compare`` times only the pipeline configurations it names, in turn in each round,
+and gives each one's s/step as a ratio to the first one's in the same round.
 
 Stage times, on one thread in one process: the upper stage is
 :func:`~chainer_vfbn.updaters.upper_step`; the lower stage is the rest of the
@@ -272,6 +277,73 @@ def cuts_report(res):
     return lines
 
 
+def compare(args):
+    """Only the pipeline configurations ``--compare LAG:CUTS ...``, one after the
+    other in each of ``--rounds`` rounds, each against the first in the same round (a
+    paired ratio: a machine whose speed drifts slows both)."""
+    configs = []
+    for text in args.compare:
+        lag, _, cuts = text.partition(':')
+        configs.append((text, int(lag), [int(c) for c in cuts.split(',')]))
+    load = [os.getloadavg()[0]]
+    times = {text: [] for text, _, _ in configs}
+    for r in range(args.rounds):
+        for text, lag, cuts in configs:
+            times[text].append(run('pipeline%d' % lag, args, 1, cuts))
+            print('round %d lag %d, cuts %-6s %.3f s/step' % (r + 1, lag, ','.join(map(str, cuts)),
+                                                               times[text][-1]), flush=True)
+    load.append(os.getloadavg()[0])
+    return dict(facts(args, load), configs=configs, all_seconds=times)
+
+
+def compare_report(res):
+    first = res['configs'][0][0]
+    ratios = {text: [a / b for a, b in zip(res['all_seconds'][text], res['all_seconds'][first])]
+              for text, _, _ in res['configs']}
+    lines = [
+        '# Pipeline configurations side by side (CPU)',
+        '',
+        'Command: `%s`' % res['command'],
+        '',
+        'Machine: %s, %d cores, Python %s, NumPy %s, Chainer %s; %s. VFBN alpha_gs = 1e-3, '
+        'depth %d, batch %d, one thread per process, %d steps after %d warm-up, the '
+        'configurations in turn in each of %d rounds; 1-minute load %.2f before, %.2f after. '
+        'The ratio is to the first configuration in the same round.'
+        % (res['cpu'], res['cores'], res['python'], res['numpy'], res['chainer'], res['date'],
+           res['depth'], res['batch'], res['steps'], WARMUP, res['rounds'], res['load'][0],
+           res['load'][1]),
+        '',
+        '| lag | cuts | s/step, each round | median s/step | ratio, each round | median ratio |',
+        '|---|---|---|---|---|---|',
+    ]
+    for text, lag, cuts in res['configs']:
+        seconds = res['all_seconds'][text]
+        lines.append('| %d | %s | %s | %.3f | %s | %.2f |' % (
+            lag, ' '.join(map(str, cuts)), ' / '.join('%.2f' % x for x in seconds),
+            statistics.median(seconds), ' / '.join('%.2f' % x for x in ratios[text]),
+            statistics.median(ratios[text])))
+    return '\n'.join(lines) + '\n'
+
+
+def facts(args, load):
+    """The command, the machine and the settings of a measurement."""
+    from chainer_vfbn.runs import cpu_name
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    return dict(command='python benchmarks/bench_pipeline.py ' + ' '.join(sys.argv[1:]),
+                cpu=cpu_name(), cores=cores, python=platform.python_version(),
+                numpy=numpy.__version__, chainer=chainer.__version__,
+                date=time.strftime('%Y-%m-%d'), depth=args.depth, batch=args.batch,
+                steps=args.steps, rounds=args.rounds, load=load)
+
+
+def write(res, out, text):
+    with open(out + '.json', 'w') as f:
+        json.dump(res, f, indent=1)
+    with open(out + '.md', 'w') as f:
+        f.write(text)
+    print(text)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--out', default=os.path.join(HERE, 'pipeline'),
@@ -282,6 +354,9 @@ def main():
     p.add_argument('--rounds', type=int, default=2)
     p.add_argument('--report', action='store_true',
                    help='rewrite OUT.md from OUT.json without measuring')
+    p.add_argument('--compare', nargs='+', metavar='LAG:CUTS',
+                   help='time only these pipeline configurations (e.g. 0:5 1:1 1:0,7), '
+                        'in turn, each against the first in the same round')
     p.add_argument('--measure', help=argparse.SUPPRESS)
     p.add_argument('--result', help=argparse.SUPPRESS)
     p.add_argument('--cuts', type=int, nargs='+', help=argparse.SUPPRESS)
@@ -296,12 +371,14 @@ def main():
     if args.report:
         with open(args.out + '.json') as f:
             res = json.load(f)
-        with open(args.out + '.md', 'w') as f:
-            f.write(report(res))
-        print(report(res))
+        write(res, args.out, (compare_report if 'configs' in res else report)(res))
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    if args.compare:
+        res = compare(args)
+        write(res, args.out, compare_report(res))
+        return
     load = [os.getloadavg()[0]]
+    cores = facts(args, load)['cores']
     kinds = [('bp', cores), ('decoupled', cores), ('decoupled1', 1), ('pipeline0', 1),
              ('pipeline1', 1), ('pipeline2', 1)]
     import threadpoolctl
@@ -329,21 +406,12 @@ def main():
     with threadpoolctl.threadpool_limits(limits=1):
         lower, upper, synth = stage_times(args.depth, args.batch, args.steps)
     load.append(os.getloadavg()[0])
-    from chainer_vfbn.runs import cpu_name
-    res = dict(command='python benchmarks/bench_pipeline.py ' + ' '.join(sys.argv[1:]),
-               cpu=cpu_name(), cores=cores, python=platform.python_version(),
-               numpy=numpy.__version__, chainer=chainer.__version__,
-               date=time.strftime('%Y-%m-%d'), depth=args.depth, batch=args.batch,
-               steps=args.steps, rounds=args.rounds, load=load,
+    res = dict(facts(args, load),
                seconds_per_step={k: statistics.median(v) for k, v in times.items()},
                all_seconds=times,
                stages=dict(lower=lower, upper=upper, synth_forward=synth),
                costs=costs, cut_runs=cut_runs)
-    with open(args.out + '.json', 'w') as f:
-        json.dump(res, f, indent=1)
-    with open(args.out + '.md', 'w') as f:
-        f.write(report(res))
-    print(report(res))
+    write(res, args.out, report(res))
 
 
 if __name__ == '__main__':
