@@ -249,7 +249,7 @@ def cuts_report(res):
         '|---|---|---|---|---|---|---|---|---|---|',
     ]
     for name, cuts, *lag in res['cut_runs']:
-        lag = lag[0] if lag else 0  # a run of 2026-12-03 and before measured lag 0 only
+        lag = lag[0] if lag else 0  # benchmarks/pipeline.json predates the lag: all 0
         times = module_times(res, cuts)
         ideal = max(max(times), sum(times) / min(res['cores'], len(times)))
         measured = res['seconds_per_step'][name]
@@ -325,12 +325,15 @@ def compare_report(res):
     return '\n'.join(lines) + '\n'
 
 
+def cpu_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+
 def facts(args, load):
     """The command, the machine and the settings of a measurement."""
     from chainer_vfbn.runs import cpu_name
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     return dict(command='python benchmarks/bench_pipeline.py ' + ' '.join(sys.argv[1:]),
-                cpu=cpu_name(), cores=cores, python=platform.python_version(),
+                cpu=cpu_name(), cores=cpu_cores(), python=platform.python_version(),
                 numpy=numpy.__version__, chainer=chainer.__version__,
                 date=time.strftime('%Y-%m-%d'), depth=args.depth, batch=args.batch,
                 steps=args.steps, rounds=args.rounds, load=load)
@@ -378,7 +381,7 @@ def main():
         write(res, args.out, compare_report(res))
         return
     load = [os.getloadavg()[0]]
-    cores = facts(args, load)['cores']
+    cores = cpu_cores()
     kinds = [('bp', cores), ('decoupled', cores), ('decoupled1', 1), ('pipeline0', 1),
              ('pipeline1', 1), ('pipeline2', 1)]
     import threadpoolctl

@@ -17,7 +17,7 @@ CENTER_VIEW = 4  # 24x24 crop at offset (4, 4), not flipped
 
 class PassProgress(object):
     """A plain line on ``out`` every ``seconds`` while a pass over the test images
-    runs (``[progress] final test, 36 views of images 1-2000: 640/2000 images, 9 min
+    runs (``[progress] test, 36 views of images 1-2000: 640/2000 images, 9 min
     left``): a final 36-view test on a CPU takes many minutes."""
 
     def __init__(self, out=sys.stdout, seconds=60.0):
