@@ -98,8 +98,7 @@ def stage_costs(method, depth, batchsize, *, device=None, jaderberg_scaled=True,
                                              jaderberg_scaled=jaderberg_scaled,
                                              vfbn_normalized_loss=vfbn_normalized_loss)
             synth.to_device(device)
-            optimizer = chainer.optimizers.Adam(alpha=alpha_gs)
-            optimizer.setup(synth)
+            optimizer = methods.synthesizer_optimizer(synth, alpha_gs)
             delta = device.send(rng.normal(0, 1e-3, h.shape).astype(numpy.float32))
 
             def step(h=h, synth=synth, optimizer=optimizer, delta=delta):

@@ -125,6 +125,14 @@ def network_optimizer(link, lr=config.LR, momentum=config.MOMENTUM,
     return opt
 
 
+def synthesizer_optimizer(synth, alpha_gs=config.ALPHA_GS):
+    """Adam with ``alpha = alpha_gs`` (the paper's alpha_gs is Adam's alpha), constant,
+    set up on the synthesizer ``synth``: every synthesizer of every process uses it."""
+    opt = optimizers.Adam(alpha=alpha_gs)
+    opt.setup(synth)
+    return opt
+
+
 def build_updater(networks, *, iterator, device=None, alpha_gs=config.ALPHA_GS,
                   lr=config.LR, momentum=config.MOMENTUM, weight_decay=config.WEIGHT_DECAY,
                   diag_interval=1, pipeline=None):
@@ -147,8 +155,7 @@ def build_updater(networks, *, iterator, device=None, alpha_gs=config.ALPHA_GS,
         updater = updaters.LayerwiseUpdater(iterator, opts, device=device, method=method,
                                             diag_interval=diag_interval)
         return updater, scheduled + [opts['head']]
-    opts['synth'] = optimizers.Adam(alpha=alpha_gs)
-    opts['synth'].setup(trained['synth'])
+    opts['synth'] = synthesizer_optimizer(trained['synth'], alpha_gs)
     kind, extra = updaters.DecoupledUpdater, {}
     if pipeline is not None:
         from chainer_vfbn.pipeline import PipelineUpdater

@@ -475,8 +475,7 @@ def stage_server(comm, method, *, depth, splits, alpha_gs, lag=0, lr=config.LR,
                   for cut in splits[1:]]
         synth = synths[comm.rank - 1]
         synth.to_device(device)
-        synth_optimizer = chainer.optimizers.Adam(alpha=alpha_gs)
-        synth_optimizer.setup(synth)
+        synth_optimizer = methods.synthesizer_optimizer(synth, alpha_gs)
     return StageServer(comm, stage, optimizer, synth_optimizer=synth_optimizer,
                        train_synth=alpha_gs > 0, lag=lag, device=device, timeout=timeout,
                        diag_interval=diag_interval)

@@ -1,0 +1,29 @@
+"""The speed work: fast twins of definitions that live elsewhere in the package.
+
+A GPU step of this package is bound by the host, by Chainer's Python cost per
+function application, not by the GPU (docs/GPU.md). Each module here computes the
+same numbers as a composed definition with fewer applications (and, on a GPU, fewer
+kernel launches); the composed definition stays the reference, and a test holds
+each twin equal to it:
+
+- :mod:`chainer_vfbn.fused.unit`: the network's residual unit
+  (:class:`chainer_vfbn.model.ResidualUnit`) as one node forward, one backward.
+- :mod:`chainer_vfbn.fused.batchnorm`: batch normalisation whose double backward
+  (v_f under eq. 3) is one node.
+- The synthesizer's Adam in one update: :mod:`chainer_vfbn.adam`, beside
+  :mod:`chainer_vfbn.sgd`, the network's optimizer.
+
+Each fast path has a Chainer configuration key, on by default. Turn one off with
+``chainer.using_config(KEY, False)`` to run the composed definition instead
+(``benchmarks/bench_host.py`` times each lever that way).
+"""
+import chainer
+
+#: The Chainer configuration keys of the fast paths, and their defaults.
+SWITCHES = {
+    'vfbn_fused_units': True,               # fused.unit for the network's units
+    'vfbn_fused_bn_double_backward': True,  # fused.batchnorm inside v_f
+    'vfbn_fused_adam': True,                # chainer_vfbn.adam for synthesizers (at build)
+}
+for _key, _value in SWITCHES.items():
+    setattr(chainer.global_config, _key, _value)
