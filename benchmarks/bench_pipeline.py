@@ -42,7 +42,8 @@ import chainer_vfbn  # noqa: E402,F401  (compat shim before chainer)
 import chainer  # noqa: E402
 import numpy  # noqa: E402
 
-from chainer_vfbn import balance, data, methods, model, updaters  # noqa: E402
+from chainer_vfbn import (balance, data, methods, model, pipeline, transport,  # noqa: E402
+                          updaters)
 
 WARMUP = 2
 
@@ -68,21 +69,20 @@ def measure(kind, depth, batch, steps, cuts):
     """Seconds per step of one configuration, in this process (or MPI job)."""
     numpy.random.seed(0)
     if kind.startswith('pipeline'):
-        from chainer_vfbn import pipeline
         lag = int(kind[len('pipeline'):])
-        comm = pipeline.connect(len(cuts) + 1)
+        comm = transport.connect(len(cuts) + 1)
         if comm.rank:
             pipeline.stage_server(comm, 'vfbn', depth=depth, splits=cuts, alpha_gs=1e-3,
                                   lag=lag).serve()
             return None
         networks = methods.build_networks('vfbn', depth=depth, split=cuts[0])
-        updater, _ = methods.build_updater(networks, iterator=iterator(batch), alpha_gs=1e-3,
-                                           pipeline=dict(comm=comm, lag=lag))
+        updater, _ = pipeline.build_updater(networks, comm=comm, lag=lag,
+                                            iterator=iterator(batch), alpha_gs=1e-3)
         try:
             return timed_steps(updater, steps)
         finally:
             updater.finalize()
-            pipeline.stop(comm)
+            transport.stop(comm)
     method = 'bp' if kind == 'bp' else 'vfbn'
     setup = methods.build(method, iterator=iterator(batch), depth=depth, alpha_gs=1e-3)
     return timed_steps(setup.updater, steps)
@@ -120,8 +120,7 @@ def run(kind, args, threads, cuts=None):
                    '--steps', str(args.steps), '--result', result,
                    '--cuts'] + [str(c) for c in cuts]
         if kind.startswith('pipeline'):
-            from chainer_vfbn import pipeline
-            command = pipeline.launcher(len(cuts) + 1) + command
+            command = transport.launcher(len(cuts) + 1) + command
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                    MKL_NUM_THREADS=str(threads))
         subprocess.run(command, check=True, env=env, timeout=3600)

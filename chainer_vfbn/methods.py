@@ -133,37 +133,49 @@ def synthesizer_optimizer(synth, alpha_gs=config.ALPHA_GS):
     return opt
 
 
-def build_updater(networks, *, iterator, device=None, alpha_gs=config.ALPHA_GS,
-                  lr=config.LR, momentum=config.MOMENTUM, weight_decay=config.WEIGHT_DECAY,
-                  diag_interval=1, pipeline=None):
-    """The updater that trains ``networks``, and the optimizers whose learning rate
-    follows the schedule: ``(updater, scheduled)``. The synthesizer's optimizer is
-    Adam with ``alpha = alpha_gs`` (the paper's alpha_gs is Adam's alpha), constant.
-    ``pipeline``: keyword arguments of :class:`~chainer_vfbn.pipeline.PipelineUpdater`
-    (``comm``, ``lag``, ``timeout``) to run the upper half in a second process."""
+def build_optimizers(networks, *, alpha_gs=config.ALPHA_GS, lr=config.LR,
+                     momentum=config.MOMENTUM, weight_decay=config.WEIGHT_DECAY):
+    """One optimizer per trained network, by the network's name: the network's
+    optimizer (:func:`network_optimizer`) for each, the synthesizer's
+    (:func:`synthesizer_optimizer`) for ``'synth'``."""
     if not alpha_gs >= 0:
         raise ValueError('alpha_gs must be >= 0, got %r' % alpha_gs)
-    method, trained = networks.method, networks.trained
-    opts = {name: network_optimizer(link, lr, momentum, weight_decay)
-            for name, link in trained.items() if name != 'synth'}
+    return {name: synthesizer_optimizer(link, alpha_gs) if name == 'synth'
+            else network_optimizer(link, lr, momentum, weight_decay)
+            for name, link in networks.trained.items()}
+
+
+def scheduled_optimizers(optimizers):
+    """The optimizers whose learning rate follows the schedule: the networks', not the
+    synthesizer's (its alpha_gs is constant)."""
+    return [opt for name, opt in optimizers.items() if name != 'synth']
+
+
+def describe(method, alpha_gs):
+    """A synthetic-gradient method in words, as its updater's error messages name it."""
+    return '%s (alpha_gs=%g)' % (method, alpha_gs)
+
+
+def build_updater(networks, *, iterator, device=None, alpha_gs=config.ALPHA_GS,
+                  lr=config.LR, momentum=config.MOMENTUM, weight_decay=config.WEIGHT_DECAY,
+                  diag_interval=1):
+    """The updater that trains ``networks`` in this one process, and the optimizers
+    whose learning rate follows the schedule: ``(updater, scheduled)``. (With the
+    upper half in other processes: :func:`chainer_vfbn.pipeline.build_updater`.)"""
+    method = networks.method
+    opts = build_optimizers(networks, alpha_gs=alpha_gs, lr=lr, momentum=momentum,
+                            weight_decay=weight_decay)
     if method in ('bp', 'bottom'):
         updater = updaters.BackpropUpdater(iterator, opts['main'], device=device,
                                            method=method)
-        return updater, [opts['main']]
-    scheduled = [opts['lower'], opts['upper']]
-    if method == 'layerwise':
+    elif method == 'layerwise':
         updater = updaters.LayerwiseUpdater(iterator, opts, device=device, method=method,
                                             diag_interval=diag_interval)
-        return updater, scheduled + [opts['head']]
-    opts['synth'] = synthesizer_optimizer(trained['synth'], alpha_gs)
-    kind, extra = updaters.DecoupledUpdater, {}
-    if pipeline is not None:
-        from chainer_vfbn.pipeline import PipelineUpdater
-        kind, extra = PipelineUpdater, pipeline
-    updater = kind(iterator, opts, train_synth=alpha_gs > 0, device=device,
-                   method='%s (alpha_gs=%g)' % (method, alpha_gs),
-                   diag_interval=diag_interval, **extra)
-    return updater, scheduled
+    else:
+        updater = updaters.DecoupledUpdater(iterator, opts, train_synth=alpha_gs > 0,
+                                            device=device, method=describe(method, alpha_gs),
+                                            diag_interval=diag_interval)
+    return updater, scheduled_optimizers(opts)
 
 
 class Setup(object):
@@ -177,7 +189,7 @@ class Setup(object):
 def build(method, *, iterator, device=None, depth=config.UNITS_PER_BLOCK, split=None,
           alpha_gs=config.ALPHA_GS, lr=config.LR, momentum=config.MOMENTUM,
           weight_decay=config.WEIGHT_DECAY, diag_interval=1, jaderberg_scaled=True,
-          vfbn_normalized_loss=False, pipeline=None):
+          vfbn_normalized_loss=False):
     """:func:`build_networks`, then :func:`build_updater`, as one :class:`Setup`."""
     networks = build_networks(method, depth=depth, split=split,
                               jaderberg_scaled=jaderberg_scaled,
@@ -185,5 +197,5 @@ def build(method, *, iterator, device=None, depth=config.UNITS_PER_BLOCK, split=
     updater, scheduled = build_updater(networks, iterator=iterator, device=device,
                                        alpha_gs=alpha_gs, lr=lr, momentum=momentum,
                                        weight_decay=weight_decay,
-                                       diag_interval=diag_interval, pipeline=pipeline)
+                                       diag_interval=diag_interval)
     return Setup(updater, networks.predictor, scheduled)

@@ -19,7 +19,7 @@ import numpy
 from chainer.training import extensions
 
 from chainer_vfbn import (arguments, balance, config, data, methods, model, pipeline, runs,
-                          updaters)
+                          transport, updaters)
 from chainer_vfbn.evaluation import PassProgress, TestErrorEvaluator, final_test_errors
 from chainer_vfbn.runs import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, UsageError
 
@@ -180,11 +180,11 @@ def train(args):
         return train_on(args, None)
     choose = args.balance and args.splits is None  # not when resuming: args.json has them
     try:
-        comm = pipeline.connect(None if choose else modules(args))
-    except pipeline.PipelineError as e:
+        comm = transport.connect(None if choose else modules(args))
+    except transport.PipelineError as e:
         raise UsageError(str(e))
     if choose:
-        args.splits = pipeline.share(comm, balanced_cuts(args, comm.size) if comm.rank == 0
+        args.splits = transport.share(comm, balanced_cuts(args, comm.size) if comm.rank == 0
                                      else None, args.pipeline_timeout)
         args.split = args.splits[0]
     if comm.rank:
@@ -192,7 +192,7 @@ def train(args):
     try:
         return train_on(args, comm)
     finally:
-        pipeline.stop(comm)
+        transport.stop(comm)
 
 
 def balanced_cuts(args, modules):
@@ -260,16 +260,21 @@ def train_on(args, comm):
     iterator = data.BatchIterator(train_set, args.batchsize, repeat=True,
                                   order_sampler=SeededShuffle(args.seed))
     try:
-        setup = methods.build(
-            args.method, iterator=iterator, device=device, depth=args.depth,
-            split=args.split, alpha_gs=args.alpha_gs, lr=args.lr, momentum=args.momentum,
-            weight_decay=args.weight_decay, diag_interval=args.diag_interval,
+        networks = methods.build_networks(
+            args.method, depth=args.depth, split=args.split,
             jaderberg_scaled=args.jaderberg_scale,
-            vfbn_normalized_loss=args.vfbn_normalized_loss,
-            pipeline=None if comm is None else dict(comm=comm, lag=args.lag,
-                                                    timeout=args.pipeline_timeout))
+            vfbn_normalized_loss=args.vfbn_normalized_loss)
+        hyper = dict(iterator=iterator, device=device, alpha_gs=args.alpha_gs, lr=args.lr,
+                     momentum=args.momentum, weight_decay=args.weight_decay,
+                     diag_interval=args.diag_interval)
+        if comm is None:
+            updater, scheduled = methods.build_updater(networks, **hyper)
+        else:
+            updater, scheduled = pipeline.build_updater(
+                networks, comm=comm, lag=args.lag, timeout=args.pipeline_timeout, **hyper)
     except ValueError as e:
         raise UsageError(str(e))
+    setup = methods.Setup(updater, networks.predictor, scheduled)
     stop = (args.iterations, 'iteration') if args.iterations else (args.epoch, 'epoch')
     trainer = chainer.training.Trainer(setup.updater, stop, out=args.out)
 
@@ -379,7 +384,7 @@ def main(argv=None):
     status on bad input (2), divergence (3) or interruption (130)."""
     prog = os.path.basename(sys.argv[0])
     # An mpiexec job's other ranks write nothing; rank 0 makes the run folder.
-    rank = pipeline.launched_rank()
+    rank = transport.launched_rank()
     if rank:
         prog = '%s (rank %d)' % (prog, rank)
     try:
@@ -394,9 +399,9 @@ def main(argv=None):
     except updaters.NonFiniteError as e:
         print('%s: error: %s (see result.json)' % (prog, e), file=sys.stderr)
         return EXIT_DIVERGED
-    except pipeline.PipelineError as e:
+    except transport.PipelineError as e:
         print('%s: error: %s' % (prog, e), file=sys.stderr, flush=True)
-        pipeline.abort(1)
+        transport.abort(1)
     except (Interrupted, KeyboardInterrupt) as e:
         iteration, snapshot = e.args if isinstance(e, Interrupted) else (None, None)
         latest = runs.latest_snapshot(args.out) if 'args' in locals() else None
@@ -410,7 +415,7 @@ def main(argv=None):
             return EXIT_INTERRUPTED
         command = [sys.executable, sys.argv[0], '--resume', args.out]
         if args.pipeline:
-            command = pipeline.launcher(modules(args)) + command
+            command = transport.launcher(modules(args)) + command
         print('%s: %s: continue with: %s' % (prog, said, ' '.join(shlex.quote(a) for a in command)),
               file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -365,16 +365,16 @@ def test_a_silent_rank_ends_the_run_with_a_line_naming_it(tmp_path, cifar_archiv
 RANK_0_GOES_QUIET = """
 import sys, time
 import chainer_vfbn
-from chainer_vfbn import pipeline
-comm = pipeline.connect(2)
+from chainer_vfbn import pipeline, transport
+comm = transport.connect(2)
 asked = sys.argv[1] == 'after-get'
 if comm.rank == 0:
     comm.mpi_comm.Barrier()  # rank 1 has built its module
     if asked:  # as before an evaluation: take the other rank's state, then work alone
-        comm.mpi_comm.send(('get',), dest=1, tag=pipeline.TAG_COMMAND)
-        comm.mpi_comm.recv(source=1, tag=pipeline.TAG_STATE)
+        comm.mpi_comm.send(('get',), dest=1, tag=transport.TAG_COMMAND)
+        comm.mpi_comm.recv(source=1, tag=transport.TAG_STATE)
     time.sleep(3)
-    pipeline.stop(comm)
+    transport.stop(comm)
 else:
     server = pipeline.stage_server(comm, 'vfbn', depth=1, splits=None, alpha_gs=1e-3,
                                    timeout=1)
@@ -382,7 +382,7 @@ else:
     try:
         server.serve()
         print('served to the end')
-    except pipeline.PipelineError as e:
+    except transport.PipelineError as e:
         print('gave up:', e)
 """
 
