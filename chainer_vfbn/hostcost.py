@@ -270,20 +270,24 @@ def build_networks(method, n, width_divisor=1):
 
 
 def build_updater(method, variant='composed', *, n=1, width_divisor=1, batch=2, size=8,
-                  dtype=numpy.float32, seed=0, alpha_gs=config.ALPHA_GS):
+                  dtype=numpy.float32, seed=0, alpha_gs=config.ALPHA_GS, device=None):
     """The updater of ``method`` (one of :data:`HOST_METHODS`) under ``variant``, its
-    networks initialised from ``seed``, on fixed ``batch`` x 3 x ``size`` x ``size``
-    batches. 8 x 8 images go through the paper's network (conv1 without padding: 6 x
-    6, then 3 x 3 and 2 x 2 after the two stride-2 stages). Step it inside
-    :func:`variant_config` of the same variant."""
+    networks initialised from ``seed`` (on the host, then sent to ``device``), on
+    fixed ``batch`` x 3 x ``size`` x ``size`` batches. 8 x 8 images go through the
+    paper's network (conv1 without padding: 6 x 6, then 3 x 3 and 2 x 2 after the two
+    stride-2 stages). Step it inside :func:`variant_config` of the same variant."""
     if method not in HOST_METHODS:
         raise ValueError('unknown method %r; choose one of: %s'
                          % (method, ', '.join(HOST_METHODS)))
     numpy.random.seed(seed)
     with variant_config(variant), chainer.using_config('dtype', dtype):
         networks = build_networks(method, n, width_divisor)
+        if device is not None:
+            for link in networks.trained.values():
+                link.to_device(device)
         iterator = FixedBatches(fixed_batches(batch, size, dtype, seed))
-        updater, _ = methods.build_updater(networks, iterator=iterator, alpha_gs=alpha_gs)
+        updater, _ = methods.build_updater(networks, iterator=iterator, alpha_gs=alpha_gs,
+                                           device=device)
     return updater
 
 
