@@ -55,7 +55,8 @@ def count_nodes(dot):
         if '->' in line:       # an edge's attributes
             continue
         counts['nodes'] += 1
-        found = re.search(r'\b(%s)\b' % '|'.join(NODE_TYPES), attrs)
+        # upper-case bounds: a type may follow a literal "\n" in the label
+        found = re.search(r'(?<![A-Z0-9_])(%s)(?![A-Z0-9_])' % '|'.join(NODE_TYPES), attrs)
         kind = found.group(1) if found else 'unknown'
         counts[kind] = counts.get(kind, 0) + 1
     return counts
