@@ -47,7 +47,7 @@ VARIANTS = list(hostcost.VARIANTS)
 #: Kernels one residual unit launches on a GPU (forward + backward, training), by
 #: reading the code. The composed unit's count and the fused unit's come from the
 #: fused unit's author (chainer_vfbn/fused/unit.py); ``benchmarks/device_check``
-#: counts them on a GPU (its ``fused`` section). None: not yet given.
+#: counts them on a GPU (its ``kernels`` section). None: not yet given.
 KERNELS_PER_UNIT = {'composed': None, 'fused': None}
 #: The issue's targets (issue 20), judged on the fused path.
 TARGET_BP_APPLICATIONS = 150
@@ -281,14 +281,16 @@ def markdown(res):
     lines += ['| %s | %s | %s | %s |' % (name, variant, value, 'met' if ok else 'NOT met')
               for name, variant, value, ok in targets(res)]
     lines += ['', 'A ratio is judged on its median; the quartiles (in brackets) show how far '
-              'the noise of this run reaches.', '', 'On a GPU (backprop <= 71 ms on an H200, VFBN / BP <= 1.15): not '
-              'measured with the fused path (`benchmarks/device_check`, section `fused`).', '',
+              'the noise of this run reaches.', '',
+              'On a GPU (backprop <= 71 ms on an H200, VFBN / BP <= 1.15): not '
+              'measured with the fused path (`benchmarks/device_check`, sections `paths` and '
+              '`graph`).', '',
               '## Kernels per residual unit on a GPU (forward + backward)', '']
     k = res['kernels_per_unit']
     if k['composed'] is None or k['fused'] is None:
         lines += ['PLACEHOLDER, not yet filled: the counts by reading the code come from '
                   'the fused unit (chainer_vfbn/fused/unit.py) and its report; the device '
-                  'check counts them on a GPU when one is lent.']
+                  'check counts them on a GPU when one is lent (section `kernels`).']
     else:
         lines += ['| unit | kernels |', '|---|---|',
                   '| composed | %s |' % k['composed'], '| fused | %s |' % k['fused']]

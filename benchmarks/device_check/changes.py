@@ -1,4 +1,4 @@
-"""Section 2b, ``changes``: each speed-up (``chainer_vfbn.sgd``'s one-kernel optimizer,
+"""Section ``changes``: each speed-up (``chainer_vfbn.sgd``'s one-kernel optimizer,
 ``synthesizers.cross_entropy`` without a host sync) timed against the code it
 replaced, runs interleaved in one process, as ratios; and the fused optimizer's
 parameters against Chainer's optimizer's on the device."""

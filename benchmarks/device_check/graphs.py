@@ -46,8 +46,8 @@ DOT_EXCERPT = 3000      # characters of each DOT description kept in the JSON
 def count_nodes(dot):
     """``{type: count}`` of a CUDA graph's nodes from its DOT description, plus
     ``'nodes'`` (node statements found) and ``'edges'``. A node statement is
-    ``"NAME"[...]`` that ends its line (not an edge's attributes); its type is the first of :data:`NODE_TYPES` named
-    in its attributes, ``'unknown'`` if none is."""
+    ``"NAME"[...]`` that ends its line (not an edge's attributes); its type is the
+    first of :data:`NODE_TYPES` named in its attributes, ``'unknown'`` if none is."""
     counts = {'nodes': 0, 'edges': len(re.findall(r'->', dot))}
     for match in re.finditer(r'"([^"]+)"\s*\[(.*?)\]\s*;?\s*$', dot, re.S | re.M):
         attrs = match.group(2)

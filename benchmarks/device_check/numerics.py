@@ -1,6 +1,6 @@
-"""Section 1, ``numerics`` (float32) and ``numerics64`` (float64): the same weights
+"""Sections ``numerics`` (float32) and ``numerics64`` (float64): the same weights
 and inputs on the device and on the CPU, for full backprop and for one VFBN
-iteration, compared quantity by quantity with normwise errors. Section 1b,
+iteration, compared quantity by quantity with normwise errors. Section
 ``numerics_fused``: the fused path on the device against the composed path on the
 CPU, float64, two whole training steps."""
 import math

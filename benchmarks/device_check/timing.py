@@ -1,7 +1,8 @@
-"""Section 2, ``timing``: one training step of BP and of VFBN at full depth with the
+"""Section ``timing``: one training step of BP and of VFBN at full depth with the
 batches already on the device, BP again with TF32 GEMMs on a GPU, and a BP step split
 into forward, backward and update. Also the helpers the other timed sections share
-(generated images, resident batches, a synchronised step)."""
+(generated images, resident batches, an updater built under one of
+``hostcost.VARIANTS``, a synchronised step, medians and quartiles)."""
 import contextlib
 import statistics
 import time
