@@ -266,7 +266,7 @@ def numerics_fused(args, device, report):
     sec.update(dtype='float64', depth=args.numerics_depth, batch=args.numerics_batch,
                group_floor=GROUP_FLOOR, rtol=RTOL64, steps=FUSED_STEPS, checks={},
                title='fused path on %s vs composed path on the CPU, %d training steps '
-                     '(optimizers included)' % (device, FUSED_STEPS))
+                     '(optimizers included)' % (device.name, FUSED_STEPS))
     cpu = chainer.get_device('@numpy')
     for method in ('bp', 'vfbn'):
         entry = sec['checks'].setdefault(method, {})
