@@ -7,6 +7,7 @@ section on the CPU, where the "GPU" side is a second CPU copy of the same weight
 so the numerics must agree exactly. PyTorch is not needed: without it that section
 records that it was skipped.
 """
+import ast
 import importlib
 import importlib.util
 import json
@@ -72,7 +73,8 @@ def test_dry_run_on_cpu_runs_every_section(tmp_path):
     md = (out / 'device_check.md').read_text()
     sections = report['sections']
     assert report['status'] == {name: 'done' for name in
-                                ('numerics', 'timing', 'changes', 'torch', 'methods', 'data',
+                                ('numerics', 'paths', 'torch', 'numerics_fused', 'kernels',
+                                 'graph', 'timing', 'changes', 'methods', 'data',
                                  'numerics64')}
     assert sections['environment']['device'] == '@numpy'
 
@@ -107,6 +109,36 @@ def test_dry_run_on_cpu_runs_every_section(tmp_path):
     assert all(0 < r['q1'] <= r['median'] <= r['q3'] for r in changes['ratios'].values())
     agreement = changes['optimizer_agreement']
     assert agreement['max_abs'] == 0 and agreement['values_differing'] == 0 and agreement['passed']
+    # The composed and the fused path, interleaved: every run timed and counted, every
+    # ratio there; counts equal the host-cost module's for the same method and variant.
+    paths, paths_module = sections['paths'], load('paths')
+    keys = {paths_module.run_key(run) for run in paths_module.PATH_RUNS}
+    assert set(paths['results']) == keys == set(paths['applications'])
+    assert all(r['median_ms'] > 0 and len(r['times_ms']) == 2 for r in paths['results'].values())
+    assert set(paths['ratios']) == {name for name, _, _ in paths_module.PATH_RATIOS}
+    assert all(0 < r['q1'] <= r['median'] <= r['q3'] for r in paths['ratios'].values())
+    for (method, variant) in paths_module.PATH_RUNS:
+        apps = paths['applications'][paths_module.run_key((method, variant))]
+        assert apps['total'] == sum(apps['per_phase'].values()) > 0
+        assert apps['per_phase']['forward lower'] > 0 and apps['per_phase']['other'] == 0
+    # The fused path against the composed path, float64, two steps: every gradient,
+    # parameter, BN statistic and optimizer snapshot compared (on the CPU, exactly).
+    fused = sections['numerics_fused']
+    assert fused['passed'] and fused['dtype'] == 'float64'
+    assert set(fused['checks']) == {'bp', 'vfbn'}
+    vfbn_names = {q['quantity'] for q in fused['checks']['vfbn']['quantities']}
+    for name in ('loss', 'grad synth/v_f/fc/W', 'param lower/conv1/W',
+                 'persistent upper/units/0/bn1/avg_mean', 'optimizer synth/v_f/fc/W/m'):
+        assert name in vfbn_names, name
+    assert all(q['passed'] for c in fused['checks'].values() for q in c['quantities'])
+    # Capture needs a GPU: the kernel count says so; the graph section still times the
+    # eager fused step.
+    for variant in ('composed', 'fused'):
+        assert sections['kernels']['results'][variant] == {'skipped': 'capture needs a CUDA GPU'}
+    for method in ('bp', 'vfbn'):
+        g = sections['graph']['results'][method]
+        assert g['eager']['median_ms'] > 0 and g['graph'] == {'skipped': 'capture needs a CUDA GPU'}
+
     rows = sections['methods']['results']
     assert list(rows) == [row.label for row in methods.TABLE1]
     for label, r in rows.items():
@@ -122,6 +154,8 @@ def test_dry_run_on_cpu_runs_every_section(tmp_path):
         assert torch_sec['params_match'] and torch_sec['same_network']['passed']
 
     for heading in ('## Numerics, float32', '## Numerics, float64', '## Step time', '## Speed-ups',
+                    '## Numerics, float64: fused path', '## The composed and the fused path',
+                    '## Kernels per residual unit', '## Experiment: the fused step replayed',
                     '## PyTorch reference', '## 2 training steps of every Table 1 method', '## Data pipeline'):
         assert heading in md
     assert 'FAIL' not in md and 'PASS' in md
@@ -185,3 +219,65 @@ def test_torch_reference_is_the_chainer_network():
     same = dc.torch_same_network(torch, depth=1, batch=4, seed=0)
     assert same['logits_err'] < 1e-12 and same['loss_err'] < 1e-12
     assert sum(p.numel() for p in dc.torch_resnet(18).parameters()) == dc.RESNET110_PARAMS
+
+
+def test_count_nodes_of_a_graph_description():
+    """Nodes by type from a DOT description in the layout of cudaGraphDebugDotPrint
+    (a subgraph per graph, one statement per node naming its type, edges apart)."""
+    dot = '\n'.join([
+        'digraph dot {',
+        'subgraph cluster_1 {',
+        'label="graph_1" graph[style="dashed"];',
+        '"graph_1_node_0"[style="solid" shape="rectangle" label="0',
+        'KERNEL',
+        'cupy_multiply__float32_float32_float32',
+        '\\<<<(4,1,1),(128,1,1),0>>>"];',
+        '"graph_1_node_1"[style="solid" shape="rectangle" label="1',
+        'MEMSET"];',
+        '"graph_1_node_2"[style="solid" shape="rectangle" label="2\\nKERNEL\\ngemm"];',
+        '"graph_1_node_0" -> "graph_1_node_1";',
+        '"graph_1_node_1" -> "graph_1_node_2" [label="edge"];',
+        '}', '}'])
+    counts = load('graphs').count_nodes(dot)
+    assert counts == {'nodes': 3, 'edges': 2, 'KERNEL': 2, 'MEMSET': 1}
+
+
+# The device check's modules, each on the layer it may import from: only modules
+# on lower layers (helpers below, sections above, the report on top).
+LAYERS = {'common': 0, 'numerics': 1, 'timing': 1, 'changes': 2, 'graphs': 2, 'paths': 2,
+          'pipeline': 2, 'torch_ref': 2, 'render': 3, '__main__': 4}
+
+
+def _sibling_imports(path, siblings):
+    """``(module imported, inside a function?)`` for each import of a sibling."""
+    tree = ast.parse(open(path).read())
+    found = []
+
+    def visit(node, in_function):
+        for child in ast.iter_child_nodes(node):
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if isinstance(child, ast.Import):
+                found.extend((a.name, inner) for a in child.names if a.name in siblings)
+            elif isinstance(child, ast.ImportFrom) and child.module in siblings:
+                found.append((child.module, inner))
+            visit(child, inner)
+    visit(tree, False)
+    return found
+
+
+def test_device_check_modules_import_in_one_direction():
+    names = {f[:-3] for f in os.listdir(SCRIPT) if f.endswith('.py')}
+    assert names == set(LAYERS), 'place every module of device_check on a layer'
+    for name in names:
+        for imported, in_function in _sibling_imports(os.path.join(SCRIPT, name + '.py'),
+                                                      names):
+            assert not in_function, '%s imports %s inside a function' % (name, imported)
+            assert LAYERS[imported] < LAYERS[name], '%s imports %s' % (name, imported)
+
+
+def test_no_benchmark_file_over_500_lines():
+    for folder in (SCRIPT, os.path.join(REPO_ROOT, 'benchmarks')):
+        for f in os.listdir(folder):
+            if f.endswith('.py'):
+                with open(os.path.join(folder, f)) as fh:
+                    assert len(fh.readlines()) <= 500, f

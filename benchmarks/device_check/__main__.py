@@ -2,27 +2,48 @@
 
 One short run on a lent GPU machine answers what docs/GPU.md leaves open: whether
 Chainer 7.8.1's kernels, compiled by CuPy 14, compute the paper's networks correctly,
-and how fast they are without cuDNN. Sections, in order, each guarded so that a
-failure is recorded and the next one still runs (one module each):
+and how fast they are without cuDNN, on the composed path (the code before the
+speed work) and on the fused path (``chainer_vfbn.fused``; ``chainer_vfbn.hostcost``
+names the variants). Sections, in order, each guarded so that a failure is recorded
+and the next one still runs:
 
 1. ``numerics`` (numerics.py): the same weights and inputs on the GPU and on the CPU,
    at small depth: logits and every parameter gradient of full backprop (Table 1
    "BackProp"), and for VFBN (paper eq. 6 and eq. 3, SPEC section 3-4) h, delta,
    delta_hat, eq. 3 and the gradients of v_f (double backprop) and of the lower half,
    in float32 (the float64 run, ``numerics64``, comes last).
-2. ``timing`` (timing.py): one training step of BP and of VFBN (alpha_gs = 1e-3) at
-   full depth, batch 128, batches on the device: median of synchronised steps; BP
-   again with CuPy's float32 GEMMs on TF32; a BP step split into forward, backward
-   and update (until queued and until done), with its function count.
-2b. ``changes`` (changes.py): each speed-up (one-kernel optimizer, sync-free
-   cross-entropy) timed against the code it replaced, interleaved, as ratios; and
-   the fused optimizer's parameters against Chainer's optimizer's on the device.
+2. ``paths`` (paths.py): backprop and VFBN (alpha_gs = 1e-3) at full depth, batch
+   128, on the composed and the fused path (and the fused path without type checks),
+   timed interleaved in one process: ms per step and paired ratios; the function
+   applications of a step of each.
 3. ``torch`` (torch_ref.py): the same ResNet-110 in PyTorch on the same GPU (cuDNN,
-   eager), fp32 and TF32, as the yardstick of what this GPU does with this network.
-4. ``methods`` (pipeline.py): 20 training steps of every Table 1 method
+   eager), fp32 and TF32, as the yardstick of what this GPU does with this network,
+   and Chainer's steps of ``paths`` (and ``timing``) over it.
+4. ``numerics_fused`` (numerics.py): two training steps of the fused path on the GPU
+   against the composed path on the CPU, float64: gradients, parameters, BN running
+   statistics, optimizer snapshots.
+5. ``kernels`` (graphs.py): the kernels one residual unit launches, composed and
+   fused, counted in a captured CUDA graph.
+6. ``graph`` (graphs.py), an experiment: the fused step captured as a CUDA graph and
+   replayed, against the same step run eagerly.
+7. ``timing`` (timing.py): one training step of BP and of VFBN with the package's
+   defaults; BP again with CuPy's float32 GEMMs on TF32; a BP step split into
+   forward, backward and update (until queued and until done), with its function
+   count.
+8. ``changes`` (changes.py): the earlier speed-ups (one-kernel optimizer, sync-free
+   cross-entropy) timed against the code they replaced, interleaved, as ratios; and
+   the fused optimizer's parameters against Chainer's optimizer's on the device.
+9. ``methods`` (pipeline.py): 20 training steps of every Table 1 method
    (``methods.TABLE1``) through the real data pipeline.
-5. ``data`` (pipeline.py): the host-side 36-view pipeline's views per second.
-6. ``numerics64``: section 1 in float64, where the tolerance can be ~1e-10.
+10. ``data`` (pipeline.py): the host-side 36-view pipeline's views per second.
+11. ``numerics64``: section 1 in float64, where the tolerance can be ~1e-10.
+
+The modules import in one direction: ``common`` (helpers) below ``numerics`` and
+``timing`` (helpers the sections share, and sections), the other sections above
+them, ``render`` (the report) on top, then this file. The budget (``--budget-s``)
+stops new sections, runs and rounds once spent; ``device_run.sh`` also bounds the
+whole check with ``timeout`` so that the call, install and GPU tests included,
+stays under 5 minutes.
 
 Results go to ``OUT/device_check.json`` and ``OUT/device_check.md`` (render.py),
 rewritten after every section (and every method), so a run cut off by a timeout keeps
@@ -51,8 +72,11 @@ if HERE not in sys.path:
 import common  # noqa: E402
 from common import SECTIONS, free_device_memory, log, short_error, verdict  # noqa: E402
 import changes  # noqa: E402
+import graphs  # noqa: E402
 import numerics  # noqa: E402
+import paths  # noqa: E402
 import pipeline  # noqa: E402
+import render  # noqa: E402
 import timing  # noqa: E402
 import torch_ref  # noqa: E402
 
@@ -87,9 +111,9 @@ def parse_args(argv=None):
                    help='batches timed in the data-pipeline section')
     p.add_argument('--sections', default=','.join(SECTIONS),
                    help='comma-separated subset of: ' + ', '.join(SECTIONS))
-    p.add_argument('--budget-s', type=float, default=240.0,
-                   help='start no new section or method after this many seconds '
-                        '(what runs then still finishes: plan ~60 s more)')
+    p.add_argument('--budget-s', type=float, default=190.0,
+                   help='start no new section, run or round after this many seconds '
+                        '(what runs then still finishes: plan ~40 s more)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--quick', action='store_true',
                    help='shrink everything for a dry run: depth 1, batch 8, 2 steps, '
@@ -149,7 +173,7 @@ def main(argv=None):
             return 0
 
     os.makedirs(args.out, exist_ok=True)
-    report = common.Report(args.out, args)
+    report = render.Report(args.out, args)
     log('device check on %s: sections %s, budget %.0f s'
         % (args.device, ', '.join(args.sections), args.budget_s))
     report.data['status'] = status = {}
@@ -172,6 +196,10 @@ def main(argv=None):
     # Looked up when called, so that a test can replace a section's function.
     runners = {'numerics': lambda: numerics.numerics(args, device, report, numpy.float32),
                'numerics64': lambda: numerics.numerics(args, device, report, numpy.float64),
+               'numerics_fused': lambda: numerics.numerics_fused(args, device, report),
+               'paths': lambda: paths.paths(args, device, report),
+               'kernels': lambda: graphs.kernels(args, device, report),
+               'graph': lambda: graphs.graph(args, device, report),
                'timing': lambda: timing.timing(args, device, report),
                'changes': lambda: changes.changes(args, device, report),
                'torch': lambda: torch_ref.torch_reference(args, gpu, report),
@@ -200,7 +228,7 @@ def main(argv=None):
         if device is not None:
             free_device_memory(device)
         report.save()
-    for name in ('numerics', 'numerics64'):
+    for name in ('numerics', 'numerics_fused', 'numerics64'):
         num = report.data['sections'].get(name, {})
         if 'passed' in num:
             log('%s (%s): %s' % (name, num['dtype'], verdict(num['passed'])))

@@ -1,13 +1,12 @@
-"""Section 2b, ``changes``: each speed-up (``chainer_vfbn.sgd``'s one-kernel optimizer,
+"""Section ``changes``: each speed-up (``chainer_vfbn.sgd``'s one-kernel optimizer,
 ``synthesizers.cross_entropy`` without a host sync) timed against the code it
 replaced, runs interleaved in one process, as ratios; and the fused optimizer's
 parameters against Chainer's optimizer's on the device."""
 import contextlib
-import statistics
 
 import common  # first: chainer_vfbn before Chainer
 from common import log, short_error, to_host, verdict
-from timing import generated_images, ResidentBatches, summarize_times, timed_update
+from timing import generated_images, quartiles, ResidentBatches, summarize_times, timed_update
 
 import chainer
 import chainer.functions as F
@@ -101,11 +100,6 @@ def optimizer_agreement(device, seed, steps=6):
     return {'steps': steps, 'max_abs': diff, 'err': diff / scale, 'tol': OPTIMIZER_RTOL,
             'values_differing': int(sum((got[k] != ref[k]).sum() for k in ref)),
             'values': int(sum(ref[k].size for k in ref)), 'passed': diff / scale <= OPTIMIZER_RTOL}
-
-
-def quartiles(values):
-    q1, q2, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
-    return {'median': q2, 'q1': q1, 'q3': q3}
 
 
 def changes(args, device, report):

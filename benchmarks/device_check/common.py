@@ -1,9 +1,11 @@
-"""Shared by the device check's sections: the clock and log, errors as data, device
-synchronisation, the report (JSON + Markdown, rewritten after every step) and the
-environment. Imported first by every other module: it sets the environment variables
-CuPy and Chainer read at import, and imports chainer_vfbn before Chainer."""
-import datetime
-import json
+"""The bottom layer of the device check: the clock and log, errors as data, device
+synchronisation, the order of the sections and the environment. Imported first by
+every other module, and importing none of them: it sets the environment variables
+CuPy and Chainer read at import, and imports chainer_vfbn before Chainer.
+
+The modules import in one direction: this one; the sections' shared helpers
+(numerics, timing); the sections (changes, graphs, paths, pipeline, torch_ref); the
+report on top (render: the Markdown and the Report that writes it), then __main__."""
 import os
 import platform
 import subprocess
@@ -30,10 +32,14 @@ import numpy  # noqa: E402
 import chainer_vfbn  # noqa: E402  (first: its repairs must precede Chainer's import)
 import chainer  # noqa: E402
 
-# Run in this order. float64 comes last: its GPU kernels are compiled for it alone
-# (CuPy compiles every kernel once per dtype), so where compilation is slow it must
-# not delay the float32 timings; a timeout then costs only the float64 check.
-SECTIONS = ('numerics', 'timing', 'changes', 'torch', 'methods', 'data', 'numerics64')
+# Run in this order: what the speed work must show first (the composed and the
+# fused path, PyTorch beside them, the fused path's float64 numerics, kernels per
+# unit, the CUDA-graph experiment), then the earlier checks. float64 comes last
+# among the earlier ones: its GPU kernels are compiled for it alone (CuPy compiles
+# every kernel once per dtype), so where compilation is slow it must not delay the
+# float32 timings; a timeout then costs only the float64 check.
+SECTIONS = ('numerics', 'paths', 'torch', 'numerics_fused', 'kernels', 'graph', 'timing',
+            'changes', 'methods', 'data', 'numerics64')
 RESNET110_PARAMS = 2975594  # SPEC section 2: parameters at 18 units per block
 
 
@@ -82,39 +88,6 @@ def free_device_memory(device):
 
 def to_host(array):
     return None if array is None else numpy.asarray(chainer.backend.CpuDevice().send(array))
-
-
-# ---------------------------------------------------------------------------
-# Results: one dict, saved as JSON and rendered as Markdown after every step.
-
-class Report(object):
-    def __init__(self, out, args):
-        self.json_path = os.path.join(out, 'device_check.json')
-        self.md_path = os.path.join(out, 'device_check.md')
-        self.data = {'started': datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                     'argv': sys.argv, 'args': {k: v for k, v in vars(args).items()},
-                     'sections': {}}
-
-    def section(self, name):
-        return self.data['sections'].setdefault(name, {})
-
-    def save(self):
-        import render  # here, not at the top: render imports this module
-        self.data['elapsed_s'] = round(CLOCK.elapsed(), 2)
-        for path, text in ((self.json_path, json.dumps(self.data, indent=2, default=_jsonable)),
-                           (self.md_path, render.render_markdown(self.data))):
-            tmp = path + '.tmp'
-            with open(tmp, 'w') as f:
-                f.write(text + '\n')
-            os.replace(tmp, path)
-
-
-def _jsonable(x):
-    if isinstance(x, (numpy.floating, numpy.integer)):
-        return x.item()
-    if isinstance(x, numpy.ndarray):
-        return x.tolist()
-    return str(x)
 
 
 def environment(spec, gpu):

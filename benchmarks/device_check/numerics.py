@@ -1,6 +1,8 @@
-"""Section 1, ``numerics`` (float32) and ``numerics64`` (float64): the same weights
+"""Sections ``numerics`` (float32) and ``numerics64`` (float64): the same weights
 and inputs on the device and on the CPU, for full backprop and for one VFBN
-iteration, compared quantity by quantity with normwise errors."""
+iteration, compared quantity by quantity with normwise errors. Section
+``numerics_fused``: the fused path on the device against the composed path on the
+CPU, float64, two whole training steps."""
 import math
 
 # common first: it imports chainer_vfbn before Chainer
@@ -10,7 +12,7 @@ import chainer
 import chainer.functions as F
 import numpy
 
-from chainer_vfbn import config, model, synthesizers
+from chainer_vfbn import config, hostcost, model, synthesizers
 
 # ---------------------------------------------------------------------------
 # Tolerances of the numerics (section 1). Errors are normwise: for a quantity q,
@@ -187,20 +189,96 @@ def numerics(args, device, report, dtype):
             log('numerics %s: ERROR %s' % (check, entry['error']))
             report.save()
             continue
-        rows = []
-        for name, (max_abs, err, scale) in normwise_errors(ref, got).items():
-            row = {'quantity': name, 'shape': None if ref[name] is None else list(ref[name].shape),
-                   'scale': scale, 'max_abs': max_abs, 'err': err}
-            if f32:
-                row.update(noise=noise[name][1], tol=max(RTOL32, NOISE_FACTOR * noise[name][1]))
-            else:
-                row['tol'] = RTOL64
-            row['passed'] = err <= row['tol']
-            rows.append(row)
-        entry.update(quantities=rows, passed=all(r['passed'] for r in rows))
-        worst = max(rows, key=lambda r: r['err'] / r['tol'])
-        log('numerics %s, %s: %s (worst %s: err %.2e, tol %.2e)' % (
-            check, sec['dtype'], verdict(entry['passed']), worst['quantity'],
-            worst['err'], worst['tol']))
+        entry.update(compare(ref, got, noise if f32 else None))
+        log_entry('numerics %s, %s' % (check, sec['dtype']), entry)
+        report.save()
+    sec['passed'] = all(c.get('passed') for c in sec['checks'].values())
+
+
+def compare(ref, got, noise=None):
+    """Rows of every quantity's normwise error and tolerance: float32 (``noise``:
+    the CPU's float32 errors) or float64 (``noise`` None, RTOL64); and whether all
+    passed."""
+    rows = []
+    for name, (max_abs, err, scale) in normwise_errors(ref, got).items():
+        row = {'quantity': name, 'shape': None if ref[name] is None else list(ref[name].shape),
+               'scale': scale, 'max_abs': max_abs, 'err': err}
+        if noise is not None:
+            row.update(noise=noise[name][1], tol=max(RTOL32, NOISE_FACTOR * noise[name][1]))
+        else:
+            row['tol'] = RTOL64
+        row['passed'] = err <= row['tol']
+        rows.append(row)
+    return {'quantities': rows, 'passed': all(r['passed'] for r in rows)}
+
+
+def log_entry(what, entry):
+    worst = max(entry['quantities'], key=lambda r: r['err'] / r['tol'])
+    log('%s: %s (worst %s: err %.2e, tol %.2e)' % (
+        what, verdict(entry['passed']), worst['quantity'], worst['err'], worst['tol']))
+
+
+# ---------------------------------------------------------------------------
+# 1b. The fused path on the device against the composed path on the CPU, float64.
+
+FUSED_STEPS = 2
+
+
+def step_state(method, variant, device, args):
+    """``FUSED_STEPS`` training steps (updater.update(), optimizers included) of
+    ``method`` under ``variant`` on ``device``, float64, from the weights and
+    batches that ``args.seed`` gives: the last step's loss and every parameter's
+    gradient, every parameter and persistent value (BN's running statistics) and
+    every optimizer's snapshot after it, as host arrays."""
+    updater = hostcost.build_updater(
+        method, variant, n=args.numerics_depth, batch=args.numerics_batch,
+        size=config.INPUT_SIZE, dtype=numpy.float64, seed=args.seed, device=device)
+    obs = {}
+    with hostcost.variant_config(variant), chainer.using_device(device), \
+            chainer.Reporter().scope(obs):
+        for _ in range(FUSED_STEPS):
+            updater.update()
+    synchronize(device)
+    out = {'loss': to_host(getattr(obs['main/loss'], 'array', obs['main/loss']))}
+    for name, opt in sorted(updater.get_all_optimizers().items()):
+        for pname, p in opt.target.namedparams():
+            out['grad %s%s' % (name, pname)] = to_host(p.grad)
+            out['param %s%s' % (name, pname)] = to_host(p.array)
+        for lname, link in opt.target.namedlinks():
+            for key in sorted(link._persistent):      # BN's avg_mean, avg_var, N
+                value = getattr(link, key)
+                if isinstance(value, (numpy.ndarray, device.xp.ndarray)):
+                    out['persistent %s%s/%s' % (name, lname, key)] = to_host(value)
+        snapshot = {}
+        chainer.serializers.DictionarySerializer(snapshot).save(opt)
+        out.update(('optimizer %s/%s' % (name, k), to_host(numpy.asarray(v)
+                                                          if numpy.isscalar(v) else v))
+                   for k, v in snapshot.items())
+    return out
+
+
+def numerics_fused(args, device, report):
+    """Section ``numerics_fused``: the fused path (``hostcost.VARIANTS['fused']``:
+    fused units, BN's one-node double backward, the fused synthesizer Adam) on the
+    device against the composed path on the CPU, both float64, over two training
+    steps of backprop and VFBN (alpha_gs 1e-3), to RTOL64."""
+    sec = report.section('numerics_fused')
+    sec.update(dtype='float64', depth=args.numerics_depth, batch=args.numerics_batch,
+               group_floor=GROUP_FLOOR, rtol=RTOL64, steps=FUSED_STEPS, checks={},
+               title='fused path on %s vs composed path on the CPU, %d training steps '
+                     '(optimizers included)' % (device.name, FUSED_STEPS))
+    cpu = chainer.get_device('@numpy')
+    for method in ('bp', 'vfbn'):
+        entry = sec['checks'].setdefault(method, {})
+        try:
+            ref = step_state(method, 'composed', cpu, args)
+            got = step_state(method, 'fused', device, args)
+        except Exception as e:
+            entry.update(short_error(e), passed=False)
+            log('numerics_fused %s: ERROR %s' % (method, entry['error']))
+            report.save()
+            continue
+        entry.update(compare(ref, got))
+        log_entry('numerics_fused %s' % method, entry)
         report.save()
     sec['passed'] = all(c.get('passed') for c in sec['checks'].values())

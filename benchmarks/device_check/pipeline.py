@@ -1,4 +1,4 @@
-"""Sections 4 and 5, ``methods`` and ``data``: a few training steps of every Table 1
+"""Sections ``methods`` and ``data``: a few training steps of every Table 1
 method through the real data pipeline, and the host-side pipeline's views per second."""
 import statistics
 import time

@@ -1,8 +1,18 @@
-"""The Markdown summary, ``device_check.md``, rendered from the report's dict."""
+"""The top of the device check: the report, one dict saved as ``device_check.json``
+and rendered as ``device_check.md`` after every step (:class:`Report`), and the
+Markdown rendering itself. Imports the helpers and sections below it; none of them
+imports this module (the sections get the Report object from __main__)."""
+import datetime
+import json
 import math
+import os
+import sys
 
+import common
 from common import verdict
 from numerics import grad_group
+
+import numpy
 
 
 def _fmt(x, spec='%.2e'):
@@ -26,10 +36,11 @@ def render_markdown(d):
     if 'device_error' in d:
         lines += ['**Chainer cannot use the device**: %s' % d['device_error']['error'], '']
     for name, render in (('environment', _md_environment), ('numerics', _md_numerics),
-                         ('numerics64', _md_numerics), ('timing', _md_timing),
-                         ('changes', _md_changes),
-                         ('torch', _md_torch), ('methods', _md_methods),
-                         ('data', _md_data)):
+                         ('numerics_fused', _md_numerics), ('numerics64', _md_numerics),
+                         ('paths', _md_paths), ('torch', _md_torch),
+                         ('kernels', _md_kernels), ('graph', _md_graph),
+                         ('timing', _md_timing), ('changes', _md_changes),
+                         ('methods', _md_methods), ('data', _md_data)):
         if name in s and set(s[name]) - {'error', 'traceback'}:
             try:
                 lines += render(s[name], s) + ['']
@@ -58,8 +69,9 @@ def _md_numerics(num, s):
     f32 = num['dtype'] == 'float32'
     tol = ('max(%g, %g x noise), noise = the CPU\'s float32 error against its own '
            'float64' % (num['rtol'], num['noise_factor']) if f32 else '%g' % num['rtol'])
-    lines = ['## Numerics, %s: %s vs CPU, same weights and inputs'
-             % (num['dtype'], s.get('environment', {}).get('device', '?')), '',
+    title = num.get('title') or '%s vs CPU, same weights and inputs' % s.get(
+        'environment', {}).get('device', '?')
+    lines = ['## Numerics, %s: %s' % (num['dtype'], title), '',
              'Depth %s units/block, batch %s, train mode. err = max|gpu - cpu| / max|cpu| '
              '(gradients: denominator at least %g x the largest gradient of the same '
              'network); tolerance %s.'
@@ -96,6 +108,65 @@ def _md_timing(tim, s):
                   '|---|---|---|---|']
         lines += ['| %s | %.1f | %.1f | %d |' % (n, r['host_ms'], r['done_ms'], r['applies'])
                   for n, r in phases.items()]
+    return lines
+
+
+def _md_paths(pa, s):
+    lines = ['## The composed and the fused path (Chainer, %s)'
+             % s.get('environment', {}).get('device', '?'), '',
+             'Depth %s units/block, batch %s, alpha_gs 1e-3; %s (%s warm-up, %s timed).'
+             % (pa['depth'], pa['batch'], pa['what'], pa['warmup'], pa['timed']), '',
+             '| run | median ms/step | min ms | images/s | function applications |',
+             '|---|---|---|---|---|']
+    for key, r in pa.get('results', {}).items():
+        apps = pa.get('applications', {}).get(key, {}).get('total')
+        if 'median_ms' in r:
+            lines.append('| %s | %.1f | %.1f | %.0f | %s |' % (
+                key, r['median_ms'], r['min_ms'], pa['batch'] / r['median_ms'] * 1e3,
+                _fmt(apps, '%d')))
+        else:
+            lines.append('| %s | ERROR: %s | | | |' % (key, r.get('error')))
+    lines += ['', 'Ratios of paired steps (one round each):', '',
+              '| ratio | median | quartiles |', '|---|---|---|']
+    lines += ['| %s | **%.3f** | %.3f-%.3f |' % (name, r['median'], r['q1'], r['q3'])
+              for name, r in pa.get('ratios', {}).items()]
+    if 'skipped' in pa:
+        lines += ['', 'Cut short: %s.' % pa['skipped']]
+    return lines
+
+
+def _md_kernels(ke, s):
+    lines = ['## Kernels per residual unit', '', '%s; %s.' % (ke['unit'], ke['what']), '',
+             '| path | forward: kernels | forward: all nodes | forward + backward: kernels '
+             '| forward + backward: all nodes |', '|---|---|---|---|---|']
+    for variant, r in ke['results'].items():
+        if 'forward' in r:
+            f, fb = r['forward'], r['forward_backward']
+            lines.append('| %s | %s | %s | %s | %s |' % (
+                variant, f.get('KERNEL', 0), f['nodes'], fb.get('KERNEL', 0), fb['nodes']))
+        else:
+            lines.append('| %s | %s | | | |' % (
+                variant, r.get('skipped') or 'ERROR: %s' % r.get('error')))
+    return lines
+
+
+def _md_graph(gr, s):
+    lines = ['## Experiment: the fused step replayed as a CUDA graph', '',
+             'Depth %s units/block, batch %s; %s.' % (gr['depth'], gr['batch'], gr['what']),
+             '', '| method | eager ms/step | replayed ms/step | replayed / eager | kernels '
+             'per step |', '|---|---|---|---|---|']
+    for method, r in gr['results'].items():
+        if 'eager' not in r:
+            lines.append('| %s | %s | | | |' % (
+                method, r.get('skipped') or 'ERROR: %s' % r.get('error')))
+            continue
+        g = r['graph']
+        lines.append('| %s | %.1f | %s | %s | %s |' % (
+            method, r['eager']['median_ms'],
+            _fmt(g.get('median_ms'), '%.1f') if 'median_ms' in g
+            else g.get('skipped') or 'ERROR: %s' % g.get('error'),
+            _fmt(r.get('graph_over_eager'), '%.2f'),
+            _fmt(g.get('nodes', {}).get('KERNEL'), '%d')))
     return lines
 
 
@@ -181,12 +252,13 @@ def _md_data(dat, s):
 
 
 def _numerics_rows(check, rows, f32):
-    """Non-gradient quantities one per row; gradients grouped by network (the one
-    nearest its tolerance shown); every failing gradient also on its own row."""
+    """Single quantities one per row; gradients, parameters, persistent values and
+    optimizer snapshots grouped by network (the one nearest its tolerance shown);
+    every failing one also on its own row."""
     out, groups = [], {}
     for r in rows:
-        if grad_group(r['quantity']):
-            groups.setdefault(grad_group(r['quantity']), []).append(r)
+        if _row_group(r['quantity']):
+            groups.setdefault(_row_group(r['quantity']), []).append(r)
         else:
             out.append(_numerics_row(check, r['quantity'], r, f32))
     for group, rs in groups.items():
@@ -196,6 +268,15 @@ def _numerics_rows(check, rows, f32):
             group, len(rs), worst['quantity'][len(group) + 1:]), merged, f32))
         out += [_numerics_row(check, r['quantity'], r, f32) for r in rs if not r['passed']]
     return out
+
+
+def _row_group(name):
+    """The group of a quantity shown on one row: each network's gradients
+    (:func:`numerics.grad_group`), parameters, persistent values and optimizer
+    snapshot; None for a quantity shown alone."""
+    if name.startswith(('param ', 'persistent ', 'optimizer ')):
+        return name.split('/')[0]
+    return grad_group(name)
 
 
 def _numerics_row(check, name, r, f32):
@@ -210,3 +291,35 @@ def _time_row(key, r, batch):
     return '| %s | %.1f | %.1f | %.0f | %.2f |' % (
         key, r['median_ms'], r['min_ms'], batch / r['median_ms'] * 1e3, r['first_step_s'])
 
+
+
+# ---------------------------------------------------------------------------
+# The report: one dict, saved as JSON and rendered as Markdown after every step.
+
+class Report(object):
+    def __init__(self, out, args):
+        self.json_path = os.path.join(out, 'device_check.json')
+        self.md_path = os.path.join(out, 'device_check.md')
+        self.data = {'started': datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                     'argv': sys.argv, 'args': {k: v for k, v in vars(args).items()},
+                     'sections': {}}
+
+    def section(self, name):
+        return self.data['sections'].setdefault(name, {})
+
+    def save(self):
+        self.data['elapsed_s'] = round(common.CLOCK.elapsed(), 2)
+        for path, text in ((self.json_path, json.dumps(self.data, indent=2, default=_jsonable)),
+                           (self.md_path, render_markdown(self.data))):
+            tmp = path + '.tmp'
+            with open(tmp, 'w') as f:
+                f.write(text + '\n')
+            os.replace(tmp, path)
+
+
+def _jsonable(x):
+    if isinstance(x, (numpy.floating, numpy.integer)):
+        return x.item()
+    if isinstance(x, numpy.ndarray):
+        return x.tolist()
+    return str(x)

@@ -1,7 +1,8 @@
-"""Section 2, ``timing``: one training step of BP and of VFBN at full depth with the
+"""Section ``timing``: one training step of BP and of VFBN at full depth with the
 batches already on the device, BP again with TF32 GEMMs on a GPU, and a BP step split
 into forward, backward and update. Also the helpers the other timed sections share
-(generated images, resident batches, a synchronised step)."""
+(generated images, resident batches, an updater built under one of
+``hostcost.VARIANTS``, a synchronised step, medians and quartiles)."""
 import contextlib
 import statistics
 import time
@@ -13,7 +14,7 @@ import chainer
 import chainer.functions as F
 import numpy
 
-from chainer_vfbn import config, data, methods
+from chainer_vfbn import config, data, hostcost, methods
 
 # ---------------------------------------------------------------------------
 # Data for the training sections.
@@ -45,6 +46,21 @@ class ResidentBatches(chainer.dataset.Iterator):
     next = __next__
 
 
+def device_batches(args, device):
+    """Four training batches of generated images, already on ``device``."""
+    images, labels = generated_images(4 * args.batch, args.seed)
+    it = data.BatchIterator(data.AugmentedDataset(images, labels), args.batch)
+    return [tuple(device.send(a) for a in it.next()) for _ in range(4)]
+
+
+def build_run(method, variant, args, device, batches):
+    """``methods.build`` of ``method`` (alpha_gs 1e-3) under ``variant``'s switches."""
+    numpy.random.seed(args.seed)
+    with hostcost.variant_config(variant):
+        return methods.build(method, iterator=ResidentBatches(batches), device=device,
+                             depth=args.depth, alpha_gs=1e-3).updater
+
+
 def timed_update(updater, device, observation):
     """One ``updater.update()`` between two synchronisations; seconds."""
     synchronize(device)
@@ -58,6 +74,12 @@ def timed_update(updater, device, observation):
 def summarize_times(times):
     return {'median_ms': 1e3 * statistics.median(times), 'min_ms': 1e3 * min(times),
             'mean_ms': 1e3 * statistics.fmean(times), 'n': len(times)}
+
+
+def quartiles(values):
+    """Median and quartiles of ``values`` (e.g. the per-round ratios of paired steps)."""
+    q1, q2, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+    return {'median': q2, 'q1': q1, 'q3': q3}
 
 
 # ---------------------------------------------------------------------------
