@@ -273,11 +273,3 @@ def test_device_check_modules_import_in_one_direction():
                                                       names):
             assert not in_function, '%s imports %s inside a function' % (name, imported)
             assert LAYERS[imported] < LAYERS[name], '%s imports %s' % (name, imported)
-
-
-def test_no_benchmark_file_over_500_lines():
-    for folder in (SCRIPT, os.path.join(REPO_ROOT, 'benchmarks')):
-        for f in os.listdir(folder):
-            if f.endswith('.py'):
-                with open(os.path.join(folder, f)) as fh:
-                    assert len(fh.readlines()) <= 500, f
