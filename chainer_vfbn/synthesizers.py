@@ -24,6 +24,7 @@ import chainer.links as L
 from chainer import initializers
 
 from chainer_vfbn import config, model
+from chainer_vfbn.fused import vf_unit
 
 
 def squared_error(a, b):
@@ -198,7 +199,11 @@ class VirtualForward(chainer.Chain):
             self.fc = L.Linear(channels, n_classes)
 
     def forward(self, h):
-        return self.fc(F.average(self.res2(self.res1(h)), axis=(2, 3)))
+        # In training, each unit as three nodes, however often it is differentiated
+        # (chainer_vfbn.fused.vf_unit; VFBN differentiates v_f twice).
+        for unit in (self.res1, self.res2):
+            h = vf_unit.residual_unit(unit, h) if vf_unit.applies(unit) else unit(h)
+        return self.fc(F.average(h, axis=(2, 3)))
 
 
 def cross_entropy(logits, y):

@@ -63,11 +63,36 @@ def _x_hat(x, mean, inv_std):
     return x_mu
 
 
+def double_grad(x, gamma, gy, ggx1, gggamma1, ggbeta1, gx1, ggamma1, mean, inv_std,
+                axis, expander, has_gx=True):
+    """The second derivative on arrays (module docstring): ``(dL2/dx, dL2/dgamma,
+    dL2/dgy)`` from the inputs ``(x, gamma, gy)`` of the first derivative, the
+    gradients ``(G_x, G_gamma, G_beta)`` w.r.t. its outputs, its outputs ``g_x`` and
+    ``g_gamma``, and the forward's batch ``mean`` and ``inv_std``. ``has_gx=False``:
+    no ``G_x`` was given (``ggx1`` is zeros; Chainer's ``r`` is then 0)."""
+    e = expander
+    inv_m = gamma.dtype.type(1. / (x.size // gamma.size))
+    r = (gx1 * ggx1).sum(axis=axis) if has_gx else 0
+    coeff = gamma * inv_std
+    coeff_m = coeff * inv_m
+    x_hat = _x_hat(x, mean[e], inv_std[e])
+
+    gggamma2 = gggamma1 - coeff_m * (x_hat * ggx1).sum(axis=axis)
+    ggbeta2 = ggbeta1 - coeff_m * ggx1.sum(axis=axis)
+    ggamma2 = r / gamma
+    gx_hat2 = gggamma2[e] * gy - (coeff_m * ggamma1)[e] * ggx1
+    gstd2 = -inv_std * (r + (x_hat * gx_hat2).sum(axis=axis))
+    gmean2 = -inv_std * gx_hat2.sum(axis=axis)
+    gx2 = inv_std[e] * gx_hat2 + inv_m * (gmean2[e] + x_hat * gstd2[e])
+    ggy2 = gggamma2[e] * x_hat + ggbeta2[e] + coeff[e] * ggx1
+    return gx2, ggamma2, ggy2
+
+
 class BatchNormalizationDoubleGrad(function_node.FunctionNode):
     """The second derivative of batch normalisation as one node: inputs ``(x, gamma,
-    gy, G_x, G_gamma, G_beta)``, outputs ``(dL2/dx, dL2/dgamma, dL2/dgy)`` (module
-    docstring). ``g_x`` and ``g_gamma``, the first derivative's outputs, are given as
-    arrays; ``has_gx`` says whether ``G_x`` was given (Chainer's ``r`` is then 0)."""
+    gy, G_x, G_gamma, G_beta)``, outputs ``(dL2/dx, dL2/dgamma, dL2/dgy)``
+    (:func:`double_grad`). ``g_x`` and ``g_gamma``, the first derivative's outputs,
+    are given as arrays; ``has_gx`` says whether ``G_x`` was given."""
 
     def __init__(self, grad_node, gx, ggamma, has_gx):
         self.axis, self.expander = grad_node.axis, grad_node.expander
@@ -79,23 +104,8 @@ class BatchNormalizationDoubleGrad(function_node.FunctionNode):
         return 'BatchNormalizationDoubleGrad'
 
     def forward(self, inputs):
-        x, gamma, gy, ggx1, gggamma1, ggbeta1 = inputs
-        axis, e, inv_std = self.axis, self.expander, self.inv_std
-        inv_m = gamma.dtype.type(1. / (x.size // gamma.size))
-        r = (self.gx1 * ggx1).sum(axis=axis) if self.has_gx else 0
-        coeff = gamma * inv_std
-        coeff_m = coeff * inv_m
-        x_hat = _x_hat(x, self.mean[e], inv_std[e])
-
-        gggamma2 = gggamma1 - coeff_m * (x_hat * ggx1).sum(axis=axis)
-        ggbeta2 = ggbeta1 - coeff_m * ggx1.sum(axis=axis)
-        ggamma2 = r / gamma
-        gx_hat2 = gggamma2[e] * gy - (coeff_m * self.ggamma1)[e] * ggx1
-        gstd2 = -inv_std * (r + (x_hat * gx_hat2).sum(axis=axis))
-        gmean2 = -inv_std * gx_hat2.sum(axis=axis)
-        gx2 = inv_std[e] * gx_hat2 + inv_m * (gmean2[e] + x_hat * gstd2[e])
-        ggy2 = gggamma2[e] * x_hat + ggbeta2[e] + coeff[e] * ggx1
-        return gx2, ggamma2, ggy2
+        return double_grad(*inputs, self.gx1, self.ggamma1, self.mean, self.inv_std,
+                           self.axis, self.expander, self.has_gx)
 
     def backward(self, indexes, grad_outputs):
         raise NotImplementedError(
