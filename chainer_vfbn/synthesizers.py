@@ -24,7 +24,7 @@ import chainer.links as L
 from chainer import initializers
 
 from chainer_vfbn import config, model
-from chainer_vfbn.fused import vf_unit
+from chainer_vfbn.fused import cross_entropy as fused_cross_entropy, vf_unit
 
 
 def squared_error(a, b):
@@ -215,7 +215,13 @@ def cross_entropy(logits, y):
     over a device scalar: on a GPU that stalls the host mid-step until every queued
     kernel has run (47 ms per VFBN step under the profiler on the H200,
     ``benchmarks/gpu/gpu_profile.txt``, ``builtins.max``). Here the divisor is the
-    batch size, a Python int: there are no ignored labels."""
+    batch size, a Python int: there are no ignored labels.
+
+    In training, with ``chainer.config.vfbn_fused_v_f`` on, the same numbers in
+    three nodes however often differentiated (:mod:`chainer_vfbn.fused.cross_entropy`;
+    VFBN differentiates it twice)."""
+    if chainer.config.train and chainer.config.vfbn_fused_v_f:
+        return fused_cross_entropy.cross_entropy(logits, y)
     return -F.sum(F.select_item(F.log_softmax(logits), y)) / len(y)
 
 

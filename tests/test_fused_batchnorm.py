@@ -140,7 +140,8 @@ def test_the_link_keeps_chainers_names_in_snapshots():
 def vfbn_eq3(enabled, synth, h, y, delta):
     """delta_hat (eq. 6) and eq. 3's gradients for v_f's parameters."""
     synth = copy.deepcopy(synth)
-    with chainer.using_config(SWITCH, enabled), Count() as count:
+    with chainer.using_config(SWITCH, enabled), Count() as count, \
+            chainer.using_config('vfbn_fused_v_f', False):   # v_f's composed units
         delta_hat = synth(chainer.Variable(h), y)
         e = synth.loss(delta_hat, delta, 1.0)
         synth.cleargrads()

@@ -1,5 +1,5 @@
-"""v_f's residual unit as three nodes against the composed unit, against finite
-differences, and inside VFBN's eq. 3 (float64)."""
+"""v_f's residual unit and cross-entropy as three nodes each against the composed
+ones, against finite differences, and inside VFBN's eq. 3 (float64)."""
 import chainer_vfbn  # noqa: F401  (compat shim before chainer)
 
 import collections
@@ -13,12 +13,12 @@ import pytest
 from chainer import gradient_check
 
 from chainer_vfbn import model, synthesizers
-from chainer_vfbn.fused import vf_unit
+from chainer_vfbn.fused import cross_entropy as vf_cross_entropy, vf_unit
 
 pytestmark = pytest.mark.numpy1
 
 F64 = numpy.float64
-SWITCH = 'vfbn_fused_vf_units'
+SWITCH = 'vfbn_fused_v_f'
 PARAMS = ('conv1/W', 'bn1/gamma', 'bn1/beta', 'conv2/W', 'bn2/gamma', 'bn2/beta')
 
 
@@ -66,16 +66,14 @@ def run(u, x, gy, weights, fused):
     return y.array, [g.array for g in first], [None if g is None else g.array for g in second], stats
 
 
-def assert_close(got, want, name):
-    """Equal to 1e-12 of the largest magnitude: the same terms summed in another
-    order (the module docstring)."""
-    scale = float(abs(want).max())
-    assert scale > 0, name
-    numpy.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * scale, err_msg=name)
+def assert_same(got, want, name):
+    """Bit for bit, and not trivially (not all zero)."""
+    assert float(abs(want).max()) > 0, name
+    numpy.testing.assert_array_equal(got, want, err_msg=name)
 
 
 @pytest.mark.parametrize('given', ['all', 'gx only'])
-def test_forward_and_first_derivative_bit_identical_second_within_1e12(given):
+def test_forward_first_and_second_derivatives_bit_identical_to_the_composed_unit(given):
     rng = numpy.random.RandomState(2)
     u = unit()
     x, gy = rng.randn(4, 3, 5, 5), rng.randn(4, 3, 5, 5)
@@ -94,7 +92,7 @@ def test_forward_and_first_derivative_bit_identical_second_within_1e12(given):
             assert a is None or not a.any()
             assert b is None or not b.any()
             continue
-        assert_close(a, b, 'second derivative ' + name)
+        assert_same(a, b, 'second derivative ' + name)
 
 
 def test_three_nodes_against_finite_differences():
@@ -163,13 +161,13 @@ def vfbn_eq3(fused, synth, h, y, delta):
     return delta_hat.array, grads, stats, count
 
 
-def test_vfbn_eq3_with_fused_units_equals_composed_in_few_applications():
+def test_vfbn_eq3_with_fused_v_f_bit_identical_to_composed_in_few_applications():
     synth, h, y, delta = synth_and_batch()
     got, want = vfbn_eq3(True, synth, h, y, delta), vfbn_eq3(False, synth, h, y, delta)
     numpy.testing.assert_array_equal(got[0], want[0], err_msg='delta_hat')
     assert got[1].keys() == want[1].keys() and len(got[1]) == 14
     for name in got[1]:
-        assert_close(got[1][name], want[1][name], name)
+        assert_same(got[1][name], want[1][name], name)
     assert got[2].keys() == want[2].keys() and len(got[2]) == 8
     for name in got[2]:
         numpy.testing.assert_array_equal(got[2][name], want[2][name], err_msg=name)
@@ -178,7 +176,7 @@ def test_vfbn_eq3_with_fused_units_equals_composed_in_few_applications():
     assert got[3].total <= 64 < 250 < want[3].total
 
 
-def test_vfbn_eq3_with_fused_units_against_finite_differences():
+def test_vfbn_eq3_with_fused_v_f_against_finite_differences():
     """d eq.3 / d theta for a few of v_f's parameters, by central differences of the
     eq. 3 loss (the running statistics do not feed back: batch statistics)."""
     synth, h, y, delta = synth_and_batch(channels=2, seed=8)
@@ -201,3 +199,51 @@ def test_vfbn_eq3_with_fused_units_against_finite_differences():
             p[index] = old
             numpy.testing.assert_allclose(grads[name][index], (up - down) / (2 * eps),
                                           rtol=1e-5, atol=1e-8, err_msg=name)
+
+
+def ce_run(logits, y, weights, fused):
+    """CE; dCE/dl; d sum(weights * dCE/dl) / dl."""
+    l = chainer.Variable(logits)
+    with chainer.using_config(SWITCH, fused), chainer.using_config('train', True):
+        ce = synthesizers.cross_entropy(l, y)
+        gl, = chainer.grad([ce], [l], enable_double_backprop=True)
+        g2, = chainer.grad([F.sum(weights * gl)], [l])
+    return ce.array, gl.array, g2.array
+
+
+@pytest.mark.parametrize('dtype', [numpy.float32, F64])
+def test_cross_entropy_value_first_and_second_derivatives_bit_identical(dtype):
+    rng = numpy.random.RandomState(9)
+    logits, weights = rng.randn(5, 10).astype(dtype), rng.randn(5, 10).astype(dtype)
+    y = numpy.array([0, 9, 3, 3, 7], numpy.int32)
+    got, want = ce_run(logits, y, weights, True), ce_run(logits, y, weights, False)
+    for name, a, b in zip(('CE', 'dCE/dl', 'second derivative'), got, want):
+        assert_same(a, b, name)
+    counts = []
+    for fused in (True, False):
+        with Count() as count:
+            ce_run(logits, y, weights, fused)
+        counts.append(count)
+    # 3 nodes, and 4 for the weighted sum and its backward (composed: 21 in all).
+    assert counts[0].labels['CrossEntropyGradGrad'] == 1 and counts[0].total == 7
+    assert counts[1].total >= 20
+
+
+def test_cross_entropy_against_finite_differences():
+    rng = numpy.random.RandomState(10)
+    y = numpy.array([2, 0, 4], numpy.int32)
+
+    def f(l):
+        return vf_cross_entropy.cross_entropy(l, y)
+
+    gradient_check.check_double_backward(f, rng.randn(3, 5), numpy.array(rng.randn()), rng.randn(3, 5),
+                                         dtype=F64, atol=1e-6, rtol=1e-5)
+
+
+def test_a_third_derivative_of_the_cross_entropy_is_refused():
+    l = chainer.Variable(numpy.random.RandomState(11).randn(3, 5))
+    ce = vf_cross_entropy.cross_entropy(l, numpy.array([1, 2, 3], numpy.int32))
+    gl, = chainer.grad([ce], [l], enable_double_backprop=True)
+    g2, = chainer.grad([F.sum(gl * gl)], [l], enable_double_backprop=True)
+    with pytest.raises(NotImplementedError, match='third derivative'):
+        chainer.grad([F.sum(g2)], [l])

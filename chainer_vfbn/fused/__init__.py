@@ -10,8 +10,9 @@ each twin equal to it:
   (:class:`chainer_vfbn.model.ResidualUnit`) as one node forward, one backward.
 - :mod:`chainer_vfbn.fused.batchnorm`: batch normalisation whose double backward
   (v_f under eq. 3) is one node.
-- :mod:`chainer_vfbn.fused.vf_unit`: v_f's residual units (twice differentiated,
-  eq. 3) as one node forward, one first derivative, one second derivative.
+- :mod:`chainer_vfbn.fused.vf_unit` and :mod:`chainer_vfbn.fused.cross_entropy`:
+  v_f's residual units and its cross-entropy (differentiated twice, eq. 6 and 3),
+  each as one node forward, one first derivative, one second derivative.
 - The synthesizer's Adam in one update: :mod:`chainer_vfbn.adam`, beside
   :mod:`chainer_vfbn.sgd`, the network's optimizer.
 
@@ -25,7 +26,7 @@ import chainer
 SWITCHES = {
     'vfbn_fused_units': True,               # fused.unit for the network's units
     'vfbn_fused_bn_double_backward': True,  # fused.batchnorm inside v_f
-    'vfbn_fused_vf_units': True,            # fused.vf_unit for v_f's units
+    'vfbn_fused_v_f': True,                 # fused.vf_unit, fused.cross_entropy in v_f
     'vfbn_fused_adam': True,                # chainer_vfbn.adam for synthesizers (at build)
 }
 for _key, _value in SWITCHES.items():
