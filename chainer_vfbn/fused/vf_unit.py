@@ -11,7 +11,7 @@ in, so that its shortcut is the identity) is
   ``b_k = BN_k(a_k)`` (batch statistics; the links' running statistics updated as
   Chainer does), ``a1 = conv(x, W1)``, ``r1 = relu(b1)``, ``a2 = conv(r1, W2)``;
 * :class:`UnitGrad`, one node, its first derivative: for ``gy = dL/dy``, with the
-  masks ``m2 = [z > 0]`` and ``m1 = [b1 > 0]``::
+  masks ``m2 = [z > 0]`` and ``m1 = [r1 > 0]``::
 
       g_z = gy m2;  (g_a2, g_gamma2, g_beta2) = BN2'(a2; g_z)
       g_r1 = deconv(g_a2, W2);  g_W2 = gradW(r1, g_a2);  g_b1 = g_r1 m1
@@ -19,21 +19,23 @@ in, so that its shortcut is the identity) is
       g_x = deconv(g_a1, W1) + g_z;  g_W1 = gradW(x, g_a1)
 
 * :class:`UnitGradGrad`, one node, its second derivative: the gradients ``G_.`` of
-  a loss w.r.t. :class:`UnitGrad`'s outputs, taken back to its inputs ``(x, W1,
-  gamma1, beta1, W2, gamma2, gy)`` by reverse mode through the lines above (each
-  line's adjoint: ``deconv`` and ``gradW`` are bilinear, so their adjoints are
-  ``conv``, ``deconv`` and ``gradW`` again; BN''s is
-  :func:`chainer_vfbn.fused.batchnorm.double_grad`; the masks have zero derivative),
-  then through the forward pass, since ``a1``, ``r1`` and ``a2`` depend on the
-  inputs too. ``beta2`` and the shortcut enter the first derivative only through
-  the mask ``m2``, so they get nothing. A third derivative is refused.
+  a loss w.r.t. :class:`UnitGrad`'s outputs, taken back to its inputs by reverse
+  mode through the lines above. Each line's adjoint: ``deconv`` and ``gradW`` are
+  bilinear, so their adjoints are ``conv``, ``deconv`` and ``gradW`` again; BN''s is
+  :func:`chainer_vfbn.fused.batchnorm.double_grad`; the masks have zero derivative,
+  so ``beta2`` and the shortcut get nothing from it. A third derivative is refused.
 
-The array operations are Chainer's own (its im2col / tensordot / col2im
+The first derivative depends on the inputs also through the forward's
+intermediates ``a1``, ``r1`` and ``a2``. They are outputs of :class:`UnitFunction`
+and inputs of :class:`UnitGrad`, so eq. 3's gradients w.r.t. them meet the
+gradients of the forward pass at ``a1``, ``r1`` and ``a2``, exactly where they meet
+in the composed graph, and :class:`UnitFunction`'s backward takes the sums on from
+there. With Chainer's own array operations (its im2col / tensordot / col2im
 convolution, its batch-normalisation forward and backward, ReLU's ``maximum`` and
-mask), so the forward pass and the first derivative equal the composed unit's bit
-for bit on the CPU; the second derivative adds the same terms in another order (a
-sum of three or more terms is not associative in floating point), so it agrees to a
-few units in the last place (tested at 1e-12 relative in float64).
+mask) every sum then has the composed graph's terms (two at most in eq. 3; two
+terms add the same in either order), and the results are the composed unit's bit
+for bit on the CPU, float32 and float64: forward, running statistics, first and
+second derivatives (tested). On a GPU the composed unit uses cuDNN; this does not.
 """
 import chainer
 import numpy
@@ -97,23 +99,26 @@ def _add(a, b):
 # -- the three nodes ---------------------------------------------------------------
 
 class UnitFunction(function_node.FunctionNode):
-    """The unit's forward pass; inputs ``(x, W1, gamma1, beta1, W2, gamma2, beta2)``."""
+    """The unit's forward pass: inputs ``(x, W1, gamma1, beta1, W2, gamma2, beta2)``,
+    outputs ``(y, a1, r1, a2)``. The intermediates are outputs so that gradients
+    meet where they meet in the composed graph (the module docstring)."""
 
     def __init__(self, bn1, bn2):
         self.bn = (bn1, bn2)
 
     def forward(self, inputs):
-        self.retain_inputs((0, 1, 2, 3, 4, 5))
+        self.retain_inputs((0, 1, 2, 4, 5))
+        self.retain_outputs((1, 2, 3))
         x, W1, gamma1, beta1, W2, gamma2, beta2 = inputs
         xp = backend.get_array_module(x)
-        self.a1 = conv(x, W1)
-        b1, self.stats1 = self._bn(0, self.a1, gamma1, beta1, xp)
-        self.r1 = xp.maximum(b1, 0, dtype=b1.dtype)
-        self.a2 = conv(self.r1, W2)
-        b2, self.stats2 = self._bn(1, self.a2, gamma2, beta2, xp)
+        a1 = conv(x, W1)
+        b1, self.stats1 = self._bn(0, a1, gamma1, beta1, xp)
+        r1 = xp.maximum(b1, 0, dtype=b1.dtype)
+        a2 = conv(r1, W2)
+        b2, self.stats2 = self._bn(1, a2, gamma2, beta2, xp)
         y = xp.maximum(b2 + x, 0, dtype=x.dtype)
         self.m2 = y > 0
-        return y,
+        return y, a1, r1, a2
 
     def _bn(self, k, a, gamma, beta, xp):
         link = self.bn[k]
@@ -123,48 +128,71 @@ class UnitFunction(function_node.FunctionNode):
         return y, (mean, inv_std)
 
     def backward(self, indexes, grad_outputs):
-        return UnitGrad(self).apply(self.get_retained_inputs() + grad_outputs)
+        x, W1, gamma1, W2, gamma2 = self.get_retained_inputs()
+        a1, r1, a2 = self.get_retained_outputs()
+        gy, ext = grad_outputs[0], grad_outputs[1:]
+        if gy is None:
+            gy = x.xp.zeros(x.shape, x.dtype)
+        node = UnitGrad(self, tuple(g is not None for g in ext))
+        gx, gW1, ggamma1, gbeta1, gW2, ggamma2, gbeta2 = node.apply(
+            (x, W1, gamma1, W2, gamma2, a1, r1, a2, gy) + tuple(g for g in ext if g is not None))
+        return gx, gW1, ggamma1, gbeta1, gW2, ggamma2, gbeta2
 
 
 class UnitGrad(function_node.FunctionNode):
-    """The first derivative; inputs ``(x, W1, gamma1, beta1, W2, gamma2, gy)``,
-    outputs the gradients w.r.t. :class:`UnitFunction`'s seven inputs."""
+    """The first derivative: inputs ``(x, W1, gamma1, W2, gamma2, a1, r1, a2, gy)``
+    and the given ones of the gradients w.r.t. ``a1``, ``r1``, ``a2`` (eq. 3's, met
+    there as in the composed graph); outputs the gradients w.r.t. the seven inputs of
+    :class:`UnitFunction`."""
 
-    def __init__(self, unit):
-        self.unit = unit
+    def __init__(self, unit, ext):
+        self.unit, self.ext = unit, ext
 
     def forward(self, inputs):
-        self.retain_inputs((0, 1, 2, 3, 4, 5, 6))
-        x, W1, gamma1, _, W2, gamma2, gy = inputs
+        self.retain_inputs(tuple(range(9)))
+        x, W1, gamma1, W2, gamma2, a1, r1, a2, gy = inputs[:9]
+        it = iter(inputs[9:])
+        ext_a1, ext_r1, ext_a2 = [next(it) if e else None for e in self.ext]
         u = self.unit
-        gz = gy * u.m2
-        self.gz = gz.astype(gy.dtype, copy=False)
-        self.ga2, self.ggamma2, gbeta2 = _bn_grad(u.a2, gamma2, self.gz, u.stats2)
-        gW2 = grad_w(u.r1, self.ga2)
-        self.gb1 = deconv(self.ga2, W2) * (u.r1 > 0)
-        self.gb1 = self.gb1.astype(gy.dtype, copy=False)
-        self.ga1, self.ggamma1, gbeta1 = _bn_grad(u.a1, gamma1, self.gb1, u.stats1)
-        gW1 = grad_w(x, self.ga1)
-        gx = deconv(self.ga1, W1) + self.gz
-        return gx, gW1, self.ggamma1, gbeta1, gW2, self.ggamma2, gbeta2
+        self.gz = (gy * u.m2).astype(gy.dtype, copy=False)
+        self.ga2, self.ggamma2, gbeta2 = _bn_grad(a2, gamma2, self.gz, u.stats2)
+        ga2 = _add(self.ga2, ext_a2)
+        gW2 = grad_w(r1, ga2)
+        self.gb1 = (_add(deconv(ga2, W2), ext_r1) * (r1 > 0)).astype(gy.dtype, copy=False)
+        self.ga1, self.ggamma1, gbeta1 = _bn_grad(a1, gamma1, self.gb1, u.stats1)
+        ga1 = _add(self.ga1, ext_a1)
+        gx = deconv(ga1, W1) + self.gz
+        return gx, grad_w(x, ga1), self.ggamma1, gbeta1, gW2, self.ggamma2, gbeta2
 
     def backward(self, indexes, grad_outputs):
+        if any(self.ext):
+            raise NotImplementedError(
+                "the derivative of eq. 3's backward through v_f's residual unit (a "
+                'third derivative) is not implemented by chainer_vfbn.fused.vf_unit; '
+                "run with chainer.using_config('vfbn_fused_v_f', False)")
         given = tuple(g is not None for g in grad_outputs)
-        gs = tuple(g for g in grad_outputs if g is not None)
-        return UnitGradGrad(self, given).apply(self.get_retained_inputs() + gs)
+        node = UnitGradGrad(self, given)
+        gs = node.apply(self.get_retained_inputs()
+                        + tuple(g for g in grad_outputs if g is not None))
+        it = iter(gs)
+        return tuple(next(it) if has else None for has in node.has)
 
 
 class UnitGradGrad(function_node.FunctionNode):
-    """The second derivative (module docstring): inputs ``(x, W1, gamma1, beta1, W2,
-    gamma2, gy)`` and the given ones of the gradients w.r.t. :class:`UnitGrad`'s
-    seven outputs; outputs the gradients w.r.t. those seven inputs."""
+    """The second derivative (module docstring): inputs ``(x, W1, gamma1, W2, gamma2,
+    a1, r1, a2, gy)`` and the given ones of the gradients ``G_.`` w.r.t.
+    :class:`UnitGrad`'s seven outputs; outputs the gradients w.r.t. those nine inputs
+    that are not zero by structure (``has``)."""
 
     def __init__(self, grad, given):
         self.grad, self.given = grad, given
+        gx, gW1, _, _, gW2, _, _ = given
+        #          x    W1  gamma1 W2    gamma2 a1    r1   a2    gy
+        self.has = (gW1, gx, True, True, True, True, gW2, True, True)
 
     def forward(self, inputs):
-        x, W1, gamma1, beta1, W2, gamma2, gy = inputs[:7]
-        it = iter(inputs[7:])
+        x, W1, gamma1, W2, gamma2, a1, r1, a2, gy = inputs[:9]
+        it = iter(inputs[9:])
         Ggx, GgW1, Gggamma1, Ggbeta1, GgW2, Gggamma2, Ggbeta2 = [
             next(it) if g else None for g in self.given]
         d, u = self.grad, self.grad.unit
@@ -178,43 +206,35 @@ class UnitGradGrad(function_node.FunctionNode):
                      None if GgW1 is None else conv(x, GgW1))
         G_W1 = None if Ggx is None else grad_w(Ggx, d.ga1)
         G_x = None if GgW1 is None else deconv(d.ga1, GgW1)
-        G_gz = Ggx
-        # (g_a1, g_gamma1, g_beta1) = BN1'(a1; g_b1);  g_b1 = deconv(g_a2, W2) m1
+        # (g_a1, g_gamma1, g_beta1) = BN1'(a1; g_b1)
         G_a1, G_gamma1, G_gb1 = batchnorm.double_grad(
-            u.a1, gamma1, d.gb1, zeros_if_none(G_ga1, x), zeros_if_none(Gggamma1, gamma1),
+            a1, gamma1, d.gb1, zeros_if_none(G_ga1, x), zeros_if_none(Gggamma1, gamma1),
             zeros_if_none(Ggbeta1, gamma1), d.ga1, d.ggamma1, *u.stats1, _AXIS, _EXPAND,
             G_ga1 is not None)
-        G_gr1 = G_gb1 * (u.r1 > 0)
-        G_ga2 = _add(conv(G_gr1, W2), None if GgW2 is None else conv(u.r1, GgW2))
+        # g_b1 = g_r1 m1;  g_r1 = deconv(g_a2, W2);  g_W2 = gradW(r1, g_a2)
+        G_gr1 = (G_gb1 * (r1 > 0)).astype(x.dtype, copy=False)
+        G_ga2 = _add(conv(G_gr1, W2), None if GgW2 is None else conv(r1, GgW2))
         G_W2 = grad_w(G_gr1, d.ga2)
         G_r1 = None if GgW2 is None else deconv(d.ga2, GgW2)
         # (g_a2, g_gamma2, g_beta2) = BN2'(a2; g_z);  g_z = gy m2
-        G_a2, G_gamma2, G_gz2 = batchnorm.double_grad(
-            u.a2, gamma2, d.gz, G_ga2, zeros_if_none(Gggamma2, gamma2),
+        G_a2, G_gamma2, G_gz = batchnorm.double_grad(
+            a2, gamma2, d.gz, G_ga2, zeros_if_none(Gggamma2, gamma2),
             zeros_if_none(Ggbeta2, gamma2), d.ga2, d.ggamma2, *u.stats2, _AXIS, _EXPAND)
-        G_gy = (_add(G_gz, G_gz2) * u.m2).astype(gy.dtype, copy=False)
-        # The forward pass: a2 = conv(r1, W2), r1 = relu(b1), b1 = BN1(a1), a1 = conv(x, W1)
-        G_r1 = _add(G_r1, deconv(G_a2, W2))
-        G_W2 = G_W2 + grad_w(u.r1, G_a2)
-        G_a1b, G_gamma1b, G_beta1 = _bn_grad(u.a1, gamma1,
-                                             (G_r1 * (u.r1 > 0)).astype(x.dtype, copy=False),
-                                             u.stats1)
-        G_a1 = G_a1 + G_a1b
-        G_x = _add(G_x, deconv(G_a1, W1))
-        G_W1 = _add(G_W1, grad_w(x, G_a1))
-        return G_x, G_W1, G_gamma1 + G_gamma1b, G_beta1, G_W2, G_gamma2, G_gy
+        G_gy = (_add(Ggx, G_gz) * u.m2).astype(gy.dtype, copy=False)
+        out = (G_x, G_W1, G_gamma1, G_W2, G_gamma2, G_a1, G_r1, G_a2, G_gy)
+        return tuple(g for g, has in zip(out, self.has) if has)
 
     def backward(self, indexes, grad_outputs):
         raise NotImplementedError(
             "the third derivative of v_f's residual unit is not implemented by "
             'chainer_vfbn.fused.vf_unit; run with chainer.using_config('
-            "'vfbn_fused_vf_units', False) for the composed unit")
+            "'vfbn_fused_v_f', False) for the composed unit")
 
 
 def applies(unit):
     """Whether :func:`residual_unit` computes ``unit`` now: training mode, the switch
-    ``vfbn_fused_vf_units`` on, and a unit with an identity shortcut."""
-    return (chainer.config.train and chainer.config.vfbn_fused_vf_units
+    ``vfbn_fused_v_f`` on, and a unit with an identity shortcut."""
+    return (chainer.config.train and chainer.config.vfbn_fused_v_f
             and not chainer.config.in_recomputing and unit.stride == 1
             and unit.conv1.W.shape[0] == unit.conv1.W.shape[1]
             and unit.bn1.avg_mean is not None and unit.bn2.avg_mean is not None)
