@@ -112,16 +112,20 @@ def test_three_nodes_against_finite_differences():
 
 
 def test_a_third_derivative_is_refused_with_a_clear_message():
+    """Through the second-derivative node (w.r.t. gy) and through the first
+    derivative that carries eq. 3's gradients (w.r.t. x)."""
     rng = numpy.random.RandomState(5)
     u = unit()
-    x = chainer.Variable(rng.randn(2, 3, 4, 4))
-    with chainer.using_config('train', True):
-        gx, = chainer.grad([vf_unit.residual_unit(u, x)], [x],
-                           [chainer.Variable(rng.randn(2, 3, 4, 4))],
-                           enable_double_backprop=True)
-        g2, = chainer.grad([F.sum(gx * gx)], [x], enable_double_backprop=True)
-        with pytest.raises(NotImplementedError, match='third derivative'):
-            chainer.grad([F.sum(g2)], [x])
+    for wrt in ('gy', 'x'):
+        x = chainer.Variable(rng.randn(2, 3, 4, 4))
+        gy = chainer.Variable(rng.randn(2, 3, 4, 4))
+        target = gy if wrt == 'gy' else x
+        with chainer.using_config('train', True):
+            gx, = chainer.grad([vf_unit.residual_unit(u, x)], [x], [gy],
+                               enable_double_backprop=True)
+            g2, = chainer.grad([F.sum(gx * gx)], [target], enable_double_backprop=True)
+            with pytest.raises(NotImplementedError, match='third derivative'):
+                chainer.grad([F.sum(g2)], [target])
 
 
 def test_only_identity_shortcut_units_in_training_are_fused():
