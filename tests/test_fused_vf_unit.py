@@ -63,7 +63,8 @@ def run(u, x, gy, weights, fused):
         terms = [F.sum(w * g) for w, g in zip(weights, first) if w is not None]
         second = chainer.grad([sum(terms)], [x] + params(u) + [gy]) if terms else []
     stats = [getattr(bn, s).copy() for bn in (u.bn1, u.bn2) for s in ('avg_mean', 'avg_var')]
-    return y.array, [g.array for g in first], [None if g is None else g.array for g in second], stats
+    second = [None if g is None else g.array for g in second]
+    return y.array, [g.array for g in first], second, stats
 
 
 def assert_same(got, want, name):
@@ -240,8 +241,8 @@ def test_cross_entropy_against_finite_differences():
     def f(l):
         return vf_cross_entropy.cross_entropy(l, y)
 
-    gradient_check.check_double_backward(f, rng.randn(3, 5), numpy.array(rng.randn()), rng.randn(3, 5),
-                                         dtype=F64, atol=1e-6, rtol=1e-5)
+    gradient_check.check_double_backward(f, rng.randn(3, 5), numpy.array(rng.randn()),
+                                         rng.randn(3, 5), dtype=F64, atol=1e-6, rtol=1e-5)
 
 
 def test_a_third_derivative_of_the_cross_entropy_is_refused():
