@@ -10,9 +10,9 @@ import chainer.functions as F
 import chainer.links as L
 import numpy
 import pytest
-from chainer import gradient_check
+from chainer import gradient_check, serializers
 
-from chainer_vfbn import model, synthesizers
+from chainer_vfbn import data, methods, model, synthesizers
 from chainer_vfbn.fused import cross_entropy as vf_cross_entropy, vf_unit
 
 pytestmark = pytest.mark.numpy1
@@ -252,3 +252,39 @@ def test_a_third_derivative_of_the_cross_entropy_is_refused():
     g2, = chainer.grad([F.sum(gl * gl)], [l], enable_double_backprop=True)
     with pytest.raises(NotImplementedError, match='third derivative'):
         chainer.grad([F.sum(g2)], [l])
+
+
+def _iterator():
+    rng = numpy.random.RandomState(12)
+    images = rng.randint(0, 256, (6, 3, 32, 32)).astype(numpy.uint8)
+    labels = rng.randint(0, 10, 6).astype(numpy.int32)
+    return data.BatchIterator(data.AugmentedDataset(images, labels), 3, shuffle=False)
+
+
+def test_vfbn_training_steps_with_every_synthesizer_fast_path_equal_composed():
+    """Three VFBN training steps (alpha_gs = 1e-3, depth 1, float32) with this
+    module, fused.batchnorm and the one-update Adam on, then all off: every network,
+    BN statistic, optimizer state and reported value the same bits."""
+    runs = []
+    for on in (True, False):
+        with chainer.using_config(SWITCH, on), chainer.using_config('vfbn_fused_adam', on), \
+                chainer.using_config('vfbn_fused_bn_double_backward', on):
+            numpy.random.seed(0)
+            setup = methods.build('vfbn', iterator=_iterator(), depth=1, alpha_gs=1e-3)
+            reports = []
+            for _ in range(3):
+                observed = {}
+                with chainer.Reporter().scope(observed):
+                    setup.updater.update()
+                reports.append({k: float(getattr(v, 'array', v)) for k, v in observed.items()})
+            s = serializers.DictionarySerializer()
+            setup.updater.serialize(s)
+            runs.append(({k: numpy.array(v) for k, v in s.target.items()}, reports))
+    (state, reports), (want_state, want_reports) = runs
+    assert state.keys() == want_state.keys()
+    assert any(k.startswith('optimizer:synth/') and k.endswith('/m') for k in state)
+    assert any(k.startswith('model:synth/') and 'avg_var' in k for k in state)
+    for key in state:
+        numpy.testing.assert_array_equal(state[key], want_state[key], err_msg=key)
+    assert all(state[k].any() for k in state if k.startswith('optimizer:synth/') and k.endswith('/m'))
+    assert reports == want_reports and 'synth/loss' in reports[-1]
