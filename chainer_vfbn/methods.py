@@ -16,9 +16,11 @@ method is put together, in two explicit steps.
 """
 import collections
 
+import chainer
 from chainer import optimizers
 
-from chainer_vfbn import config, model, sgd, synthesizers, updaters
+from chainer_vfbn import adam, config, model, sgd, synthesizers, updaters
+from chainer_vfbn import fused  # noqa: F401  (defines chainer.config.vfbn_fused_*)
 
 METHODS = ('bp', 'bottom', 'layerwise', 'jaderberg-resnet', 'jaderberg-linear', 'vfbn')
 SYNTHESIZERS = ('jaderberg-resnet', 'jaderberg-linear', 'vfbn')
@@ -127,8 +129,14 @@ def network_optimizer(link, lr=config.LR, momentum=config.MOMENTUM,
 
 def synthesizer_optimizer(synth, alpha_gs=config.ALPHA_GS):
     """Adam with ``alpha = alpha_gs`` (the paper's alpha_gs is Adam's alpha), constant,
-    set up on the synthesizer ``synth``: every synthesizer of every process uses it."""
-    opt = optimizers.Adam(alpha=alpha_gs)
+    set up on the synthesizer ``synth``: every synthesizer of every process uses it.
+    Every parameter is updated at once (:class:`chainer_vfbn.adam.FlatAdam`, the same
+    numbers and snapshots) unless ``chainer.config.vfbn_fused_adam`` is False when
+    this is called: then Chainer's own Adam."""
+    if chainer.config.vfbn_fused_adam:
+        opt = adam.FlatAdam(alpha=alpha_gs)
+    else:
+        opt = optimizers.Adam(alpha=alpha_gs)
     opt.setup(synth)
     return opt
 

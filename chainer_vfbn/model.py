@@ -19,6 +19,7 @@ import chainer.links as L
 from chainer import initializers
 
 from chainer_vfbn import config
+from chainer_vfbn.fused import batchnorm
 
 
 def _conv3x3(in_ch, out_ch, stride=1):
@@ -39,16 +40,18 @@ def shortcut(x, out_channels, stride):
 
 
 class ResidualUnit(chainer.Chain):
-    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``, stride on conv1."""
+    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``, stride on conv1.
+    The BN links are Chainer's with a one-node double backward
+    (:mod:`chainer_vfbn.fused.batchnorm`; v_f's units are differentiated twice)."""
 
     def __init__(self, in_ch, out_ch, stride=1):
         super().__init__()
         self.out_ch, self.stride = out_ch, stride
         with self.init_scope():
             self.conv1 = _conv3x3(in_ch, out_ch, stride)
-            self.bn1 = L.BatchNormalization(out_ch)
+            self.bn1 = batchnorm.BatchNormalization(out_ch)
             self.conv2 = _conv3x3(out_ch, out_ch)
-            self.bn2 = L.BatchNormalization(out_ch)
+            self.bn2 = batchnorm.BatchNormalization(out_ch)
 
     def forward(self, x):
         h = F.relu(self.bn1(self.conv1(x)))

@@ -9,7 +9,11 @@ each twin equal to it:
 - :mod:`chainer_vfbn.fused.unit`: the network's residual unit
   (:class:`chainer_vfbn.model.ResidualUnit`) as one node forward, one backward.
 - :mod:`chainer_vfbn.fused.batchnorm`: batch normalisation whose double backward
-  (v_f under eq. 3) is one node.
+  is one node (the BN links of every composed residual unit; v_f under eq. 3 when
+  its units are composed).
+- :mod:`chainer_vfbn.fused.vf_unit` and :mod:`chainer_vfbn.fused.cross_entropy`:
+  v_f's residual units and its cross-entropy (differentiated twice, eq. 6 and 3),
+  each as one node forward, one first derivative, one second derivative.
 - The synthesizer's Adam in one update: :mod:`chainer_vfbn.adam`, beside
   :mod:`chainer_vfbn.sgd`, the network's optimizer.
 
@@ -22,7 +26,8 @@ import chainer
 #: The Chainer configuration keys of the fast paths, and their defaults.
 SWITCHES = {
     'vfbn_fused_units': True,               # fused.unit for the network's units
-    'vfbn_fused_bn_double_backward': True,  # fused.batchnorm inside v_f
+    'vfbn_fused_bn_double_backward': True,  # fused.batchnorm in composed units' BN
+    'vfbn_fused_v_f': True,                 # fused.vf_unit, fused.cross_entropy in v_f
     'vfbn_fused_adam': True,                # chainer_vfbn.adam for synthesizers (at build)
 }
 for _key, _value in SWITCHES.items():
