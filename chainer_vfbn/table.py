@@ -196,14 +196,15 @@ class Runner(object):
                     continue
 
 
-def run_table(root, seeds, slugs, common, jobs=1, claim_seeds=None, devices=None):
+def run_table(root, seeds, slugs, common, jobs=1, claim_seeds=None, devices=None,
+              threads=None):
     """The ``run`` command: train the plan, ``jobs`` runs at a time, then write the
     report. ``devices``: train.py device options (e.g. ``[['--gpu', '0'], ['--gpu',
     '1']]``), at least ``jobs`` of them; each running run holds one of them, which no
     other run uses meanwhile. Returns the exit status: 0, 1 when a run failed for a
     reason other than divergence, 130 when interrupted."""
     steps = plan(seeds, slugs, claim_seeds)
-    runner = Runner(root, common, jobs)
+    runner = Runner(root, common, jobs, threads)
     status.write_plan(root, steps, 'local')
     runner.say('%d runs (%s) into %s, %d at a time with %d BLAS thread(s) each%s; '
                'train.py arguments shared by all: %s'
@@ -313,7 +314,7 @@ def submit_slurm(root, steps, common, opts):
         todo.append((i + 1, seed, row.slug))
     jobs = {}
     if todo:
-        task = SlurmTask(root, common, opts.cpus_per_run, len(steps))
+        task = SlurmTask(root, common, opts.threads or opts.cpus_per_run, len(steps))
         ids = slurm.submit_array(
             os.path.join(root, status.SLURM_FOLDER), task, todo, partition=opts.partition,
             time=opts.time, gpus=opts.gpus_per_run, cpus=opts.cpus_per_run, mem=opts.mem,
@@ -361,6 +362,9 @@ def build_parser():
                    help='train up to N runs at once, each a separate process with '
                         'CPUs / N BLAS threads (default: 1, or one per --gpus GPU); '
                         'with --executor slurm: at most N jobs of the array at once')
+    r.add_argument('--threads', type=placement.positive_int, default=None, metavar='N',
+                   help='BLAS threads of each run (default: CPUs / --jobs; on Slurm, '
+                        '--cpus-per-run, else the CPUs of the job)')
     placement.add_options(r)
     rep = sub.add_parser('report', help='write ROOT/table.md and ROOT/figure3_*')
     rep.add_argument('root', metavar='ROOT')
@@ -424,7 +428,7 @@ def main(argv=None):
             return EXIT_BAD_INPUT
     devices = [['--gpu', str(g)] for g in args.gpus] if args.gpus else None
     return run_table(args.out, args.seeds, args.rows, common, args.jobs, args.claim_seeds,
-                     devices)
+                     devices, args.threads)
 
 
 if __name__ == '__main__':
