@@ -21,6 +21,8 @@ of the same job resumes from the run folder's latest snapshot. Jobs are submitte
 submitit is optional (``--executor slurm`` only): it is imported where a job array
 is made, with a one-line message when it is missing.
 """
+import contextlib
+import io
 import os
 import re
 import shlex
@@ -102,6 +104,11 @@ def submit_array(folder, fn, arguments, name='vfbn-table', partition=None, time=
     know, ...): :class:`UsageError` with sbatch's own message, and nothing of the
     submission is left in ``folder``."""
     import submitit  # optional; check_available() said how to install it
+    made = []  # the folders this submission makes, deepest last
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        made.insert(0, probe)
+        probe = os.path.dirname(probe)
     os.makedirs(folder, exist_ok=True)
     before = set(os.listdir(folder))
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
@@ -115,14 +122,18 @@ def submit_array(folder, fn, arguments, name='vfbn-table', partition=None, time=
                   additional_parameters=extra, array_parallelism=parallel or len(arguments),
                   partition=partition, time=time, gpus_per_node=gpus, cpus_per_task=cpus,
                   account=account)
-    try:
-        ex.update_parameters(**params)
-        jobs = ex.map_array(fn, *zip(*arguments))
+    try:  # submitit prints sbatch's complaint to stderr too: it goes in our one line
+        with contextlib.redirect_stderr(io.StringIO()):
+            ex.update_parameters(**params)
+            jobs = ex.map_array(fn, *zip(*arguments))
     except Exception as e:
         for name in set(os.listdir(folder)) - before:
             path = os.path.join(folder, name)
             if os.path.isfile(path) or os.path.islink(path):
                 os.remove(path)
+        for path in reversed(made):
+            if not os.listdir(path):
+                os.rmdir(path)
         raise UsageError(sbatch_message(e))
     return [job.job_id for job in jobs]
 

@@ -78,9 +78,12 @@ def wait_for(root, done=('finished', 'diverged', 'failed')):
 def submit(root, *argv):
     proc = table('run', '--out', root, '--executor', 'slurm', *argv)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    m = re.search(r'as Slurm job array (\d+)|as Slurm job (\d+)', proc.stdout)
-    assert m, proc.stdout
     return proc.stdout
+
+
+def queue():
+    return subprocess.run(['squeue', '-h', '-o', '%i'], capture_output=True, text=True,
+                          check=True, timeout=30).stdout.split()
 
 
 def read_log(folder):
@@ -107,6 +110,8 @@ def test_table_via_slurm_equals_the_local_table(tmp_path, cifar_archive):
     assert local.returncode == 0, local.stdout + local.stderr
     out = submit(tmp_path / 'slurm', '--cpus-per-run', '1', '--time', '10', *plan, *extra)
     assert 'submitted 4 run(s)' in out
+    again = submit(tmp_path / 'slurm', '--cpus-per-run', '1', '--time', '10', *plan, *extra)
+    assert 'nothing to submit' in again and 'already in the queue as job' in again, again
     states = wait_for(tmp_path / 'slurm')
     assert {s for s, _ in states.values()} == {'finished'}, states
     assert all(re.search(r'job \d+_[0-3]', rest) for _, rest in states.values()), states
@@ -190,3 +195,17 @@ def test_a_job_with_a_bad_argument_fails_in_status_and_the_others_finish(tmp_pat
     state, rest = states['bp/seed-1']
     assert state == 'failed', states
     assert re.search(r'job \d+_1\s+exit status \d+: .*seed', rest, re.IGNORECASE), rest
+
+
+def test_slurm_refuses_a_partition_in_one_line(tmp_path):
+    """(An unknown --account takes the same path; this cluster, without accounting,
+    takes any account.)"""
+    before = queue()
+    proc = table('run', '--out', tmp_path / 'root', '--executor', 'slurm', '--partition',
+                 'nosuch')
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert re.match(r'python -m chainer_vfbn.table: error: Slurm refused the job array: '
+                    r'sbatch: error: .*partition', lines[0], re.IGNORECASE), lines[0]
+    assert queue() == before and not (tmp_path / 'root').exists()
