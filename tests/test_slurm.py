@@ -9,8 +9,9 @@ with the reason; they never skip. Each is a tiny table (depth 1, 16 images, batc
 * the same plan through Slurm and through the local executor gives the same
   table.md and the same log and weights in every run folder;
 * a job signalled mid-run (``scancel --signal=USR1 --batch``, what Slurm sends before
-  a time limit) saves a snapshot, requeues itself and resumes from it, and ends with
-  the log, weights and whole trainer state of an uninterrupted run, exactly;
+  a time limit; or SIGTERM to all its processes, as at a preemption) saves a
+  snapshot, requeues itself and resumes from it, and ends with the log, weights and
+  whole trainer state of an uninterrupted run, exactly;
 * a job with a bad argument shows as failed in ``table status``, with its error line,
   while the other jobs of the array finish.
 """
@@ -138,7 +139,12 @@ def snapshot_state(path):
     return state, timed, logs
 
 
-def test_a_signalled_job_requeues_and_ends_as_the_uninterrupted_run(tmp_path, cifar_archive):
+@pytest.mark.parametrize('signal', [
+    ['--signal=USR1', '--batch'],  # what Slurm sends before the time limit
+    ['--signal=TERM', '--full']],  # preemption: every process of the job gets SIGTERM
+    ids=['usr1-batch', 'term-all'])
+def test_a_signalled_job_requeues_and_ends_as_the_uninterrupted_run(tmp_path, cifar_archive,
+                                                                     signal):
     iterations = 40
     train = ['--depth', '1'] + TINY + ['--data-dir', cifar_archive, '--iterations',
                                        iterations, '--eval-every', 10, '--progress-every', 3600]
@@ -152,7 +158,7 @@ def test_a_signalled_job_requeues_and_ends_as_the_uninterrupted_run(tmp_path, ci
                         if (run / 'train_output.txt').exists() else ''):
         assert time.time() < deadline, 'train.py did not start'
         time.sleep(0.2)
-    subprocess.run(['scancel', '--signal=USR1', '--batch', job], check=True, timeout=30)
+    subprocess.run(['scancel'] + signal + [job], check=True, timeout=30)
     states = wait_for(root)
     assert states['vfbn-1e-3/seed0'][0] == 'finished', states
 
