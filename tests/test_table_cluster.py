@@ -1,5 +1,6 @@
-"""``python -m chainer_vfbn.table``'s GPUs (``--gpus``), ``status``, and the one-line
-refusals of the cluster options, without Slurm (tests/test_slurm.py has the jobs).
+"""``python -m chainer_vfbn.table``'s GPUs (``--gpus``), ``status``, the one-line
+refusals of the cluster options, and train.py's stop on a scheduler's signals,
+without Slurm (tests/test_slurm.py has the jobs).
 
 The GPU assignment runs for real with the CPU standing in for two GPUs (``--device
 @numpy`` and ``--gpu -1`` are two names of the CPU): four tiny runs, two at a time;
@@ -181,3 +182,40 @@ def test_status_of_local_runs(tmp_path, cifar_archive):
     line = status(root)['bp/seed1']
     assert re.match(r'bp/seed1\s+failed\s+-\s+-\s+exit status 2: train.py: error: .*no CIFAR-10 at',
                     line), line
+
+
+class FakeTrainer(object):
+    """What StopOnSignal reads of a trainer."""
+    out = None
+
+    class updater(object):
+        iteration = 7
+
+
+@pytest.mark.parametrize('first, second', [(signal.SIGTERM, signal.SIGTERM),
+                                           (signal.SIGUSR1, signal.SIGTERM),
+                                           (signal.SIGINT, signal.SIGINT)],
+                         ids=['term-term', 'usr1-term', 'int-int'])
+def test_a_schedulers_second_signal_still_gets_the_snapshot(tmp_path, first, second):
+    """In process: Slurm sends SIGTERM to every process of a job, and the job's Python
+    passes it (or SIGUSR1) on to train.py too; a second such signal must not cost the
+    snapshot. A second Ctrl-C still stops at once, without one."""
+    from chainer_vfbn import training
+    FakeTrainer.out = str(tmp_path)
+    written = []
+    stop = training.StopOnSignal(lambda trainer: written.append(trainer.updater.iteration))
+    stop.initialize(FakeTrainer)
+    try:
+        os.kill(os.getpid(), first)  # each handled at once, in this thread
+        if second == signal.SIGINT:
+            with pytest.raises(training.Interrupted) as e:
+                os.kill(os.getpid(), second)
+            assert e.value.args == (7, None) and written == []
+            return
+        os.kill(os.getpid(), second)
+        with pytest.raises(training.Interrupted) as e:
+            stop(FakeTrainer)
+    finally:
+        stop.finalize()
+    assert written == [7]
+    assert e.value.args == (7, os.path.join(str(tmp_path), 'snapshot_iter_7'))
