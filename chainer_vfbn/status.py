@@ -44,10 +44,10 @@ STATES = ('not started', 'queued', 'running', 'finished', 'diverged', 'interrupt
 
 def write_plan(root, runs, executor, jobs=None):
     """Record the plan: ``runs`` is ``[(seed, row)]``; ``jobs`` maps a run's folder
-    (``slug/seed<k>``) to its Slurm job. A run this submission leaves out keeps the
-    job an earlier plan gave it."""
+    (``slug/seed<k>``) to its Slurm job. A run a Slurm submission leaves out keeps
+    the job an earlier plan gave it."""
     old = {}
-    if os.path.isfile(os.path.join(root, PLAN_FILE)):
+    if executor == 'slurm' and os.path.isfile(os.path.join(root, PLAN_FILE)):
         try:
             old = {e['folder']: e.get('job') for e in read_plan(root)['runs']}
         except (UsageError, KeyError, TypeError):

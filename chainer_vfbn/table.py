@@ -31,8 +31,9 @@ import sys
 import threading
 import time
 
-from chainer_vfbn import arguments, methods, placement, report, slurm, status
+from chainer_vfbn import arguments, methods, placement, report, slurm
 from chainer_vfbn import runs as run_folders
+from chainer_vfbn import status as run_states
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         'train.py')
@@ -165,12 +166,12 @@ class Runner(object):
         and its exit status says so."""
         os.makedirs(out, exist_ok=True)
         cmd = [self.python, self.train_py] + argv
-        status.start_record(out, cmd, device)
+        run_states.start_record(out, cmd, device)
         code = None
         try:
             code = self._run(cmd, out)
         finally:
-            status.update_record(out, exit_status=code, ended=time.time())
+            run_states.update_record(out, exit_status=code, ended=time.time())
         return code
 
     def _run(self, cmd, out):
@@ -183,7 +184,7 @@ class Runner(object):
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, env=env)
             self.process = proc
-            status.update_record(out, pid=proc.pid)
+            run_states.update_record(out, pid=proc.pid)
             while True:
                 try:
                     for line in proc.stdout:
@@ -205,7 +206,7 @@ def run_table(root, seeds, slugs, common, jobs=1, claim_seeds=None, devices=None
     reason other than divergence, 130 when interrupted."""
     steps = plan(seeds, slugs, claim_seeds)
     runner = Runner(root, common, jobs, threads)
-    status.write_plan(root, steps, 'local')
+    run_states.write_plan(root, steps, 'local')
     runner.say('%d runs (%s) into %s, %d at a time with %d BLAS thread(s) each%s; '
                'train.py arguments shared by all: %s'
                % (len(steps), ', '.join('seed %d %s' % (s, r.slug) for s, r in steps),
@@ -275,7 +276,7 @@ class SlurmTask(object):
         if state not in ('finished', 'diverged'):
             raise RuntimeError('seed %d %s: %s; see %s' % (
                 seed, slug, state, os.path.join(self.root, slug, 'seed%d' % seed,
-                                                status.OUTPUT_FILE)))
+                                                run_states.OUTPUT_FILE)))
         return state
 
 
@@ -287,12 +288,12 @@ def submit_slurm(root, steps, common, opts):
     root = os.path.abspath(root)
     say = Runner(root, common).say
     old = {}
-    if os.path.isfile(os.path.join(root, status.PLAN_FILE)):
-        old = {e['folder']: e.get('job') for e in status.read_plan(root)['runs']}
+    if os.path.isfile(os.path.join(root, run_states.PLAN_FILE)):
+        old = {e['folder']: e.get('job') for e in run_states.read_plan(root)['runs']}
     queued = slurm.queue_states([j for j in old.values() if j]) or {}
     todo, failed = [], []
     for i, (seed, row) in enumerate(steps):
-        folder = status.run_folder(row.slug, seed)
+        folder = run_states.run_folder(row.slug, seed)
         out = os.path.join(root, folder)
         name = '%d/%d seed %d %s' % (i + 1, len(steps), seed, row.slug)
         if old.get(folder) in queued:
@@ -316,11 +317,11 @@ def submit_slurm(root, steps, common, opts):
     if todo:
         task = SlurmTask(root, common, opts.threads or opts.cpus_per_run, len(steps))
         ids = slurm.submit_array(
-            os.path.join(root, status.SLURM_FOLDER), task, todo, partition=opts.partition,
+            os.path.join(root, run_states.SLURM_FOLDER), task, todo, partition=opts.partition,
             time=opts.time, gpus=opts.gpus_per_run, cpus=opts.cpus_per_run, mem=opts.mem,
             account=opts.account, sbatch=opts.sbatch, signal_before=opts.signal_before,
             parallel=opts.jobs)
-        jobs = {status.run_folder(slug, seed): job for (_, seed, slug), job in zip(todo, ids)}
+        jobs = {run_states.run_folder(slug, seed): job for (_, seed, slug), job in zip(todo, ids)}
         array = ids[0].split('_')[0]
         say('submitted %d run(s) as Slurm job array %s (%s); watch them with: python -m '
             'chainer_vfbn.table status %s (or squeue -j %s); when all are done, write '
@@ -329,7 +330,7 @@ def submit_slurm(root, steps, common, opts):
                root, array, root))
     else:
         say('nothing to submit')
-    status.write_plan(root, steps, 'slurm', jobs)
+    run_states.write_plan(root, steps, 'slurm', jobs)
     return EXIT_FAILED if failed else 0
 
 
@@ -384,7 +385,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == 'status':
         try:
-            print('\n'.join(status.status_lines(args.root)))
+            print('\n'.join(run_states.status_lines(args.root)))
         except run_folders.UsageError as e:
             print('%s: error: %s' % (parser.prog, e), file=sys.stderr)
             return EXIT_BAD_INPUT

@@ -180,8 +180,8 @@ def test_status_of_local_runs(tmp_path, cifar_archive):
                        '--iterations', '30', '--progress-every', '3600')
     assert failed.returncode == table.EXIT_FAILED
     line = status(root)['bp/seed1']
-    assert re.match(r'bp/seed1\s+failed\s+-\s+-\s+exit status 2: train.py: error: .*no CIFAR-10 at',
-                    line), line
+    assert re.match(r'bp/seed1\s+failed\s+-\s+-\s+exit status 2: '
+                    r'train.py: error: .*no CIFAR-10 at', line), line
 
 
 class FakeTrainer(object):
