@@ -323,10 +323,11 @@ def submit_slurm(root, steps, common, opts):
             parallel=opts.jobs)
         jobs = {run_states.run_folder(slug, seed): job for (_, seed, slug), job in zip(todo, ids)}
         array = ids[0].split('_')[0]
-        say('submitted %d run(s) as Slurm job array %s (%s); watch them with: python -m '
+        say('submitted %d run(s) as Slurm job%s %s (%s); watch them with: python -m '
             'chainer_vfbn.table status %s (or squeue -j %s); when all are done, write '
             'the table with: python -m chainer_vfbn.table report %s'
-            % (len(ids), array, ', '.join('%s %s' % (j, f) for f, j in jobs.items()),
+            % (len(ids), ' array' if '_' in ids[0] else '', array,
+               ', '.join('%s %s' % (j, f) for f, j in jobs.items()),
                root, array, root))
     else:
         say('nothing to submit')
