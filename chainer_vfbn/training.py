@@ -55,11 +55,17 @@ def seed_everything(seed, device):
         device.xp.random.seed(seed)
 
 
+#: The signals that stop a run with a snapshot: Ctrl-C, SIGTERM (a scheduler's
+#: preemption) and SIGUSR1 (Slurm's warning before a job's time limit).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
 class StopOnSignal(chainer.training.Extension):
-    """After the first Ctrl-C (SIGINT) or SIGTERM, finish the current iteration, save
-    a trainer snapshot, and stop the run with :class:`Interrupted`. A second signal
+    """After the first of :data:`STOP_SIGNALS`, finish the current iteration, save a
+    trainer snapshot, and stop the run with :class:`Interrupted`. A second Ctrl-C
     before the snapshot starts stops at once (:class:`Interrupted` with no snapshot);
-    while the snapshot is being written, signals are ignored."""
+    a scheduler's SIGTERM or SIGUSR1 never does (Slurm may send both, to every
+    process of the job); while the snapshot is being written, signals are ignored."""
 
     trigger = 1, 'iteration'
     priority = chainer.training.PRIORITY_READER - 1  # after every other extension
@@ -71,10 +77,12 @@ class StopOnSignal(chainer.training.Extension):
         def handler(signum, frame):
             if self.saving:
                 return
-            if self.signum is not None:  # second signal: stop now
-                raise Interrupted(trainer.updater.iteration, None)
+            if self.signum is not None:  # a second Ctrl-C: stop now
+                if signum == signal.SIGINT:
+                    raise Interrupted(trainer.updater.iteration, None)
+                return
             self.signum = signum
-        self._old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._old = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
 
     def __call__(self, trainer):
         if self.signum is not None:
