@@ -7,16 +7,8 @@ import sys
 
 import numpy
 
-from chainer_vfbn import config, data, methods, runs
+from chainer_vfbn import config, data, machine, methods, runs
 from chainer_vfbn.runs import UsageError
-
-
-def default_threads():
-    """The CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 #: Options a resumed run may change: where and how it runs, not what it computes.
@@ -97,7 +89,7 @@ def build_parser():
                    help='multiply the lr by 0.1 after these iterations instead of '
                         '--lr-drop-every (for runs sized in iterations)')
     g.add_argument('--seed', type=int, default=0)
-    g.add_argument('--threads', type=int, default=default_threads(),
+    g.add_argument('--threads', type=int, default=machine.usable_cpus(),
                    help='BLAS/OpenMP threads (results are bit-for-bit repeatable for '
                         'one thread count; default: the CPUs this process may use)')
 

@@ -12,7 +12,7 @@ and a min-max band. :func:`plot_fidelity` draws ``synth/cosine`` and
 ``delta``) for the runs that log them.
 
 A diverged run's line ends at its last logged evaluation, with an ``x``, and its legend
-entry says so. Runs are read with :func:`chainer_vfbn.runs.load_run`.
+entry says so. Runs are read with :func:`chainer_vfbn.records.load_run`.
 
 ``python plot_curves.py RUN_DIR [RUN_DIR ...] --out PREFIX [--x epoch|examples]``
 writes ``PREFIX_error.{png,pdf}`` and ``PREFIX_fidelity.{png,pdf}``.
@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 
 from chainer_vfbn import config, methods, model
 from chainer_vfbn import runs as runs_module
-from chainer_vfbn.runs import RunError, load_run
+from chainer_vfbn.records import RunError, load_run
 
 EXIT_BAD_INPUT = runs_module.EXIT_BAD_INPUT
 

@@ -15,7 +15,7 @@ import os
 import shlex
 import statistics
 
-from chainer_vfbn import arguments, curves, methods, model
+from chainer_vfbn import arguments, curves, methods, model, records
 from chainer_vfbn import runs as run_folders
 
 
@@ -138,7 +138,7 @@ def error_text(runs, key='test_error'):
 
 
 def experiments(runs):
-    """A row's runs split by configuration (:attr:`chainer_vfbn.runs.Run.config`): the seeds
+    """A row's runs split by configuration (:attr:`chainer_vfbn.records.Run.config`): the seeds
     of one experiment together, so that no mean mixes two settings. A row without
     runs gives one empty experiment (its line says 'not run')."""
     groups = {}
@@ -173,7 +173,7 @@ def paired_interval(differences):
 def _pairing_key(run):
     """What must match for two runs of different rows to be a pair: the seed and
     every setting but the method's own."""
-    own = set(run_folders.PER_RUN_KEYS) - {'seed'} | {'method', 'alpha_gs'}
+    own = set(records.PER_RUN_KEYS) - {'seed'} | {'method', 'alpha_gs'}
     return tuple(sorted((k, repr(v)) for k, v in run.args.items() if k not in own))
 
 
@@ -226,10 +226,10 @@ def results_table(run_dirs):
     ours, the seeds and the exact command; shared facts in a paragraph above. A row
     run in several configurations gets one line for each.
 
-    ``run_dirs`` are train.py output folders (raises :class:`run_folders.RunError` for a
+    ``run_dirs`` are train.py output folders (raises :class:`chainer_vfbn.records.RunError` for a
     folder without args.json). Runs of methods outside Table 1 are listed below it.
     """
-    runs = [run_folders.load_run(d) for d in run_dirs]
+    runs = [records.load_run(d) for d in run_dirs]
     others = [r for r in runs if r.row is None]
     present = [r for r in runs if r.row is not None]
 
@@ -277,6 +277,6 @@ def write_report(root, run_dirs=None):
     path = os.path.join(root, 'table.md')
     with open(path, 'w') as f:
         f.write(results_table(run_dirs))
-    runs = [run_folders.load_run(d) for d in run_dirs]
+    runs = [records.load_run(d) for d in run_dirs]
     plotted = [r for r in runs if r.log or r.status == 'diverged']
     return [path] + curves.plot_all(plotted, os.path.join(root, 'figure3'))

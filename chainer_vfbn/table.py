@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 
-from chainer_vfbn import arguments, methods, report
+from chainer_vfbn import arguments, machine, methods, records, report
 from chainer_vfbn import runs as run_folders
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -66,10 +66,10 @@ def config_mismatch(recorded, argv):
     """How a folder's args.json differs from what ``argv`` would run ('' if not).
     An option the run's args.json predates counts as its default."""
     planned = vars(arguments.parse_args(argv, check_out=False))
-    recorded = run_folders.with_defaults(recorded)
+    recorded = records.with_defaults(recorded)
     diffs = ['%s %r there, %r now' % (k, recorded.get(k), v)
              for k, v in sorted(planned.items())
-             if k not in run_folders.PER_RUN_KEYS and recorded.get(k) != v]
+             if k not in records.PER_RUN_KEYS and recorded.get(k) != v]
     return '; '.join(diffs)
 
 
@@ -95,7 +95,7 @@ class Runner(object):
     def __init__(self, root, common, jobs=1, threads=None, python=sys.executable,
                  train_py=TRAIN_PY):
         self.root, self.common, self.jobs = root, common, jobs
-        self.threads = threads or max(1, arguments.default_threads() // jobs)
+        self.threads = threads or max(1, machine.usable_cpus() // jobs)
         self.python, self.train_py = python, train_py
         self.start = time.time()
         self.failed = []
@@ -112,14 +112,14 @@ class Runner(object):
         name = '%d/%d seed %d %s (%s)' % (step, total, seed, row.slug, row.label)
         args_file = os.path.join(out, 'args.json')
         if os.path.exists(args_file):
-            mismatch = config_mismatch(run_folders.load_run(out).args, argv)
+            mismatch = config_mismatch(records.load_run(out).args, argv)
             if mismatch:
                 self.say('%s: FAILED: %s holds a run with other arguments (%s); use '
                          'another --out, or delete that folder to rerun it'
                          % (name, out, mismatch))
                 self.failed.append(name)
                 return 'failed'
-            run = run_folders.load_run(out)
+            run = records.load_run(out)
             if run.status in ('finished', 'diverged'):
                 self.say('%s: skipped, already %s (%s)' % (name, run.status, outcome(run)))
                 return run.status
@@ -133,7 +133,7 @@ class Runner(object):
             self.say('%s: starting' % name)
         began = time.time()
         code = self._train(argv, out)
-        run = run_folders.load_run(out) if os.path.exists(args_file) else None
+        run = records.load_run(out) if os.path.exists(args_file) else None
         status = run.status if run else 'unfinished'
         if code == 0 and status == 'finished' or \
                 code == run_folders.EXIT_DIVERGED and status == 'diverged':

@@ -18,8 +18,8 @@ import chainer
 import numpy
 from chainer.training import extensions
 
-from chainer_vfbn import (arguments, balance, config, data, methods, model, pipeline, runs,
-                          updaters)
+from chainer_vfbn import (arguments, balance, config, data, machine, methods, model, pipeline,
+                          runs, updaters)
 from chainer_vfbn.evaluation import PassProgress, TestErrorEvaluator, final_test_errors
 from chainer_vfbn.runs import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, UsageError
 
@@ -340,7 +340,7 @@ def train_on(args, comm):
     runs.clear(p for p in stale if os.path.exists(p))
     os.makedirs(args.out, exist_ok=True)
     runs.write_json(os.path.join(args.out, 'args.json'),
-                    dict(vars(args), versions=runs.versions(), machine=runs.machine(device)))
+                    dict(vars(args), versions=machine.versions(), machine=machine.machine(device)))
 
     result = {'method': args.method, 'alpha_gs': args.alpha_gs, 'dataset': args.dataset,
               'depth': args.depth, 'seed': args.seed}

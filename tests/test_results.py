@@ -21,8 +21,7 @@ import chainer_vfbn  # noqa: F401  (the NumPy-2 shim precedes `import chainer`)
 import numpy
 import pytest
 
-from chainer_vfbn import arguments, curves, methods, report, table
-from chainer_vfbn import runs as run_folders
+from chainer_vfbn import arguments, curves, machine, methods, records, report, table
 from conftest import run_main
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,7 +141,7 @@ def test_table_gives_each_configuration_its_own_line(runs, tmp_path):
 
 
 def test_table_refuses_a_folder_without_args(tmp_path):
-    with pytest.raises(run_folders.RunError, match='no args.json'):
+    with pytest.raises(records.RunError, match='no args.json'):
         report.results_table([str(tmp_path)])
 
 
@@ -239,7 +238,7 @@ def test_plot_writes_png_and_pdf(runs, tmp_path):
 
 
 def test_plot_curves_groups_seeds_and_marks_divergence(runs):
-    loaded = [run_folders.load_run(p) for p in runs.values()]
+    loaded = [records.load_run(p) for p in runs.values()]
     groups = dict(curves.group_runs(loaded))
     assert list(groups) == ['BackProp', 'Bottom half with back prop', "Jaderberg's Linear",
                             'VFBN (alpha_gs = 1e-3)']
@@ -283,7 +282,7 @@ def test_run_jobs_in_parallel_with_their_share_of_threads(tmp_path, cifar_archiv
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert '2 at a time' in proc.stdout
     assert 'final test error' not in proc.stdout  # train.py's own output stays in its folder
-    share = max(1, arguments.default_threads() // 2)
+    share = max(1, machine.usable_cpus() // 2)
     for name in ('bp', 'vfbn-1e-3'):
         folder = root / name / 'seed0'
         assert json.loads((folder / 'args.json').read_text())['threads'] == share
