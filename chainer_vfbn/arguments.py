@@ -7,7 +7,7 @@ import sys
 
 import numpy
 
-from chainer_vfbn import config, data, machine, methods, runs
+from chainer_vfbn import config, data, machine, methods, model, runs
 from chainer_vfbn.runs import UsageError
 
 
@@ -141,6 +141,17 @@ def build_parser():
     return p
 
 
+#: NumPy's RandomState (and so train.py's --seed) takes seeds in [0, 2**32 - 1].
+SEED_MAX = 2 ** 32 - 1
+
+
+def training_examples(args):
+    """Examples in one epoch of the 36x augmented training set (known before the
+    data is loaded: the set's size or --train-images)."""
+    full = data.TRAIN_SIZES.get(args.dataset, 0)
+    return config.N_VIEWS * (min(args.train_images, full) if args.train_images else full)
+
+
 def validate(args):
     """Check every value before anything is loaded or written (UsageError)."""
     if args.method and args.synth and args.method != args.synth:
@@ -165,6 +176,24 @@ def validate(args):
         if getattr(args, name) < 0:
             raise UsageError('--%s must be >= 0, got %g'
                              % (name.replace('_', '-'), getattr(args, name)))
+    for name, top, why in (
+            ('seed', SEED_MAX, "NumPy's RandomState takes 32-bit seeds"),
+            ('depth', config.MAX_UNITS_PER_BLOCK,
+             'ResNet-%d, the deepest of He et al. 2016 on CIFAR-10'
+             % model.layer_count(config.MAX_UNITS_PER_BLOCK)),
+            ('batchsize', training_examples(args),
+             'the training examples of one epoch: %s training images x %d views'
+             % (args.train_images or 'all %d' % data.TRAIN_SIZES.get(args.dataset, 0),
+                config.N_VIEWS)),
+            ('threads', machine.usable_cpus(), 'the CPUs this process may use')):
+        if not 0 <= getattr(args, name) <= top:
+            raise UsageError('--%s must be in [%d, %d] (%s), got %d'
+                             % (name, 0 if name == 'seed' else 1, top, why,
+                                getattr(args, name)))
+    if args.diag_interval < 0:
+        raise UsageError('--diag-interval must be >= 0 (0: off), got %d' % args.diag_interval)
+    if not args.out:
+        raise UsageError('--out must name a folder, got an empty name')
     if not 0 <= args.momentum < 1:
         raise UsageError('--momentum must be in [0, 1), got %g' % args.momentum)
     if args.lr_drops is not None and (min(args.lr_drops) < 1 or
@@ -231,6 +260,7 @@ def resumed_args(args, given):
     taken from the command line. Any other option given that contradicts args.json
     is refused, naming it."""
     run_dir, snapshot = runs.resume_source(args.resume)
+    check_snapshot(args.resume, snapshot, run_dir)
     recorded = runs.read_json(os.path.join(run_dir, 'args.json'), 'the run\'s arguments')
     names = [dest for dest in vars(args) if dest not in ('resume', 'synth', 'method')]
     merged = argparse.Namespace(**{k: recorded.get(k, getattr(args, k)) for k in names})
@@ -257,10 +287,57 @@ def resumed_args(args, given):
                                 theirs, run_dir))
     if 'out' not in given:
         merged.out = run_dir
+    if 'epoch' in given and 'iterations' not in given:
+        merged.iterations = None  # the stopping point is now in epochs
     merged.resume = snapshot
-    merged.parts = recorded.get('parts', []) + [
-        {'resumed_from': snapshot, 'iterations': merged.iterations, 'epoch': merged.epoch}]
+    first = {'resumed_from': None, 'iterations': recorded.get('iterations'),
+             'epoch': recorded.get('epoch'), 'threads': recorded.get('threads')}
+    merged.parts = (recorded.get('parts') or [first]) + [
+        {'resumed_from': snapshot, 'iterations': merged.iterations, 'epoch': merged.epoch,
+         'threads': merged.threads}]
     return merged
+
+
+def check_snapshot(given, path, run_dir):
+    """Refuse a ``--resume`` file that is not a whole trainer snapshot, naming it."""
+    try:
+        with numpy.load(path) as f:
+            trainer = 'updater/iteration' in f.files
+    except Exception as e:
+        raise UsageError('--resume %s: %s cannot be read as a trainer snapshot (%s: %s); it '
+                         'is truncated or damaged: resume from an earlier snapshot_iter_N in '
+                         '%s' % (given, path, type(e).__name__, str(e).splitlines()[0]
+                                 if str(e) else '', run_dir))
+    if not trainer:
+        raise UsageError('--resume %s: %s is not a trainer snapshot (it has no '
+                         'updater/iteration; model.npz and model_iter_N.npz hold only the '
+                         'network, for evaluate.py): resume from the run folder or a '
+                         'snapshot_iter_N' % (given, path))
+
+
+def refuse_finished(args):
+    """A finished run resumed in its own folder without a later stopping point:
+    :class:`~chainer_vfbn.runs.NothingToDo`, before any file is touched."""
+    run_dir = os.path.dirname(args.resume) or '.'
+    path = os.path.join(run_dir, 'result.json')
+    if not os.path.isfile(path):
+        return
+    result = runs.read_json(path, 'the run\'s result')
+    if result.get('status') != 'finished':
+        return
+    done, done_epoch = result.get('iteration'), result.get('epoch')
+    if args.iterations:
+        more = done is not None and args.iterations > done
+    else:
+        more = done_epoch is not None and args.epoch > done_epoch
+    if not more:
+        raise runs.NothingToDo(
+            '%s is finished (iteration %s, epoch %.4g; test error %.2f%%, result.json): '
+            'nothing to do, no file touched. To train it further, give a later stopping '
+            'point, recorded in args.json\'s parts: --resume %s --iterations N with N > %s, '
+            'or --epoch E with E > %.4g'
+            % (run_dir, done, done_epoch or 0, 100 * result.get('test_error', float('nan')),
+               run_dir, done, done_epoch or 0))
 
 
 def parse_args(argv=None, check_out=True):
@@ -271,6 +348,8 @@ def parse_args(argv=None, check_out=True):
     args = validate(build_parser().parse_args(argv))
     if args.resume:
         args = validate(resumed_args(args, given_options(argv)))
+        if continues_in_place(args):
+            refuse_finished(args)
     else:
         args.parts = []
     if check_out and not continues_in_place(args):

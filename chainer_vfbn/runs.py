@@ -20,6 +20,7 @@ import re
 
 import chainer
 import numpy
+from chainer.training.extensions import snapshot_writers
 
 
 #: Where ``train.py`` writes when no ``--out`` is given, and where ``evaluate.py``
@@ -48,21 +49,62 @@ class UsageError(Exception):
     """Bad arguments or environment; the message says what to do instead."""
 
 
+class NothingToDo(Exception):
+    """The command has nothing to do (a finished run resumed without a later
+    stopping point); the message says so and what to give instead. Exit 0."""
+
+
 # ---------------------------------------------------------------------------
 # JSON.
 
-def write_json(path, obj):
-    """Write strict JSON atomically: a reader sees the old file or the whole new one,
-    and a NaN or infinity is refused rather than written as invalid JSON."""
+def replace_atomically(path, write):
+    """Make ``path`` with ``write(temporary path)``, then rename it into place: a
+    reader (or a resumed run) sees the old file or the whole new one, never half of
+    one. The temporary, ``path + '.tmp'`` in the same folder, is removed whatever
+    happens (a full disk, Ctrl-C)."""
     tmp = path + '.tmp'
     try:
-        with open(tmp, 'w') as f:
-            json.dump(obj, f, indent=2, sort_keys=True, allow_nan=False)
-            f.write('\n')
+        write(tmp)
         os.replace(tmp, path)
+    except OSError as e:  # a write to an open file does not say which (a full disk)
+        e.filename = e.filename or path
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json(path, obj):
+    """Write strict JSON atomically; a NaN or infinity is refused rather than written
+    as invalid JSON."""
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=2, sort_keys=True, allow_nan=False)
+            f.write('\n')
+    replace_atomically(path, write)
+
+
+def write_text(path, text):
+    """Write a text file atomically."""
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            f.write(text)
+    replace_atomically(path, write)
+
+
+def save_npz(path, obj):
+    """``chainer.serializers.save_npz``, atomically."""
+    replace_atomically(path, lambda tmp: chainer.serializers.save_npz(tmp, obj))
+
+
+class AtomicWriter(snapshot_writers.Writer):
+    """The writer of the trainer's snapshots: each written to ``NAME.tmp`` beside
+    its final name and renamed into place (:func:`replace_atomically`); older
+    snapshots are pruned only after the new one is whole."""
+
+    def __call__(self, filename, outdir, target):
+        save_npz(os.path.join(outdir, filename), target)
+        self._post_save()
 
 
 def read_json(path, what):

@@ -299,7 +299,10 @@ def test_resume_from_the_folder_alone_and_refuse_a_contradiction(trained, tmp_pa
         for name in a.files:
             numpy.testing.assert_array_equal(a[name], b[name], err_msg=name)
     run_args = read_json(str(run / 'args.json'))
-    assert run_args['iterations'] == 6 and len(run_args['parts']) == 1
+    assert run_args['iterations'] == 6
+    first, resumed = run_args['parts']  # each part, the first included
+    assert (first['resumed_from'], first['iterations']) == (None, 3)
+    assert (resumed['resumed_from'], resumed['iterations']) == (str(run / 'snapshot_iter_3'), 6)
     result = read_json(str(run / 'result.json'))
     assert result['seconds'] > read_json(os.path.join(half, 'result.json'))['seconds']
 
@@ -401,7 +404,7 @@ def test_ctrl_c_snapshots_and_resumes(tmp_path, cifar_archive):
 def test_a_second_signal_while_the_snapshot_is_written_is_ignored(tmp_path):
     """In process: the first SIGINT asks for a snapshot; one arriving while it is
     written changes nothing, and the run stops with that snapshot's path."""
-    from chainer_vfbn import training
+    from chainer_vfbn import trainer_extensions
 
     class Trainer(object):
         out = str(tmp_path)
@@ -413,11 +416,11 @@ def test_a_second_signal_while_the_snapshot_is_written_is_ignored(tmp_path):
     def snapshot(trainer):
         os.kill(os.getpid(), signal.SIGINT)  # handled at once, mid-snapshot
         written.append(trainer.updater.iteration)
-    stop = training.StopOnSignal(snapshot)
+    stop = trainer_extensions.StopOnSignal(snapshot)
     stop.initialize(Trainer)
     try:
         os.kill(os.getpid(), signal.SIGINT)
-        with pytest.raises(training.Interrupted) as e:
+        with pytest.raises(trainer_extensions.Interrupted) as e:
             stop(Trainer)
     finally:
         stop.finalize()

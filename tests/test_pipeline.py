@@ -146,7 +146,7 @@ def test_three_modules_at_lag_0_are_the_sequential_schedule_bit_for_bit(tmp_path
     import chainer
     import chainer.functions as F
     import threadpoolctl
-    from chainer_vfbn import arguments, data, methods, model, training
+    from chainer_vfbn import arguments, data, methods, model, trainer_extensions, training
 
     argv = TINY + ['--data-dir', cifar_archive, '--synth', synth, '--splits', 1, 2,
                    '--iterations', 3, '--eval-every', 3, '--snapshot-every', 3]
@@ -163,7 +163,7 @@ def test_three_modules_at_lag_0_are_the_sequential_schedule_bit_for_bit(tmp_path
         training.seed_everything(0, device)          # rank 0
         train_set, _ = training.load_data(args)
         batches = data.BatchIterator(train_set, 8, repeat=True,
-                                     order_sampler=training.SeededShuffle(0))
+                                     order_sampler=trainer_extensions.SeededShuffle(0))
         nets = methods.build_networks(synth, depth=1, split=1)
         lower, upper, synth0 = (nets.trained[k] for k in ('lower', 'upper', 'synth'))
         velocity = {}
