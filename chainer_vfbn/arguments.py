@@ -30,9 +30,11 @@ class HelpFormatter(argparse.HelpFormatter):
         return text
 
 
-def build_parser():
-    p = runs.ArgumentParser(
-        description='Train ResNet-110 (the paper\'s variant) on CIFAR-10 with one of '
+def build_parser(raising=False):
+    """train.py's parser; ``raising``: a usage error raises :class:`UsageError`
+    instead of ending the process (for ``python -m chainer_vfbn.table``)."""
+    p = (runs.RaisingArgumentParser if raising else runs.ArgumentParser)(
+        prog='train.py', description='Train ResNet-110 (the paper\'s variant) on CIFAR-10 with one of '
                     'the methods of Table 1 (Miyato et al. 2017).',
         formatter_class=HelpFormatter)
     g = p.add_argument_group('method')
@@ -234,9 +236,9 @@ def validate(args):
     return args
 
 
-def given_options(argv):
+def given_options(argv, raising=False):
     """The destinations of the options written on the command line ``argv``."""
-    parser = build_parser()
+    parser = build_parser(raising)
     unset = object()
     parser.set_defaults(**{a.dest: unset for a in parser._actions if a.dest != 'help'})
     return {k for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
@@ -340,14 +342,14 @@ def refuse_finished(args):
                run_dir, done, done_epoch or 0))
 
 
-def parse_args(argv=None, check_out=True):
+def parse_args(argv=None, check_out=True, raising=False):
     """The run's arguments, checked; for ``--resume``, read back from the run's
     folder. With ``check_out``, also that ``--out`` may take the run. Raises
-    :class:`UsageError`; writes nothing."""
+    :class:`UsageError` (``raising``: argparse's errors too); writes nothing."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    args = validate(build_parser().parse_args(argv))
+    args = validate(build_parser(raising).parse_args(argv))
     if args.resume:
-        args = validate(resumed_args(args, given_options(argv)))
+        args = validate(resumed_args(args, given_options(argv, raising)))
         if continues_in_place(args):
             refuse_finished(args)
     else:

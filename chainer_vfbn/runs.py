@@ -45,6 +45,14 @@ class ArgumentParser(argparse.ArgumentParser):
                   % (self.prog, message, self.prog))
 
 
+class RaisingArgumentParser(ArgumentParser):
+    """A parser whose usage errors raise :class:`UsageError` (the message alone):
+    for a command that checks another's arguments and says so in its own line."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
 class UsageError(Exception):
     """Bad arguments or environment; the message says what to do instead."""
 

@@ -36,6 +36,8 @@ RUNNER_OPTIONS = ('--out', '-o', '--seed', '--method', '--synth', '--alpha-gs',
 THREAD_VARIABLES = ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS')
 
 EXIT_FAILED = 1
+LEFT_OUT = 'table.md and the figures are written without it'
+
 EXIT_BAD_INPUT = run_folders.EXIT_BAD_INPUT
 EXIT_INTERRUPTED = run_folders.EXIT_INTERRUPTED
 
@@ -189,7 +191,12 @@ def run_table(root, seeds, slugs, common, jobs=1, claim_seeds=None):
     def work(i, seed, row):
         if stop.is_set():
             return 'interrupted'
-        status = runner.run_one(i + 1, len(steps), seed, row)
+        try:
+            status = runner.run_one(i + 1, len(steps), seed, row)
+        except records.RunError as e:  # a broken run folder: say so, go on
+            runner.say('%d/%d seed %d %s: FAILED: %s' % (i + 1, len(steps), seed, row.slug, e))
+            runner.failed.append(row.slug)
+            return 'failed'
         if status == 'interrupted':
             stop.set()
         return status
@@ -207,8 +214,12 @@ def run_table(root, seeds, slugs, common, jobs=1, claim_seeds=None):
     if stop.is_set():
         runner.say('interrupted: run the same command again to resume')
         return EXIT_INTERRUPTED
-    for path in report.write_report(root):
+    paths, left_out = report.write_report(root)
+    for path in paths:
         runner.say('wrote %s' % path)
+    for folder, why in left_out:
+        runner.say('left out %s: %s; %s' % (folder, why, LEFT_OUT))
+        runner.failed.append(folder)
     if runner.failed:
         runner.say('%d run(s) failed: %s' % (len(runner.failed), '; '.join(runner.failed)))
         return EXIT_FAILED
@@ -273,13 +284,21 @@ def main(argv=None):
             print('%s: error: no run folders (with args.json) under %s'
                   % (parser.prog, args.root), file=sys.stderr)
             return EXIT_BAD_INPUT
-        for path in report.write_report(args.root):
+        paths, left_out = report.write_report(args.root)
+        for path in paths:
             print(path)
-        return 0
+        for folder, why in left_out:
+            print('%s: error: left out %s: %s; %s' % (parser.prog, folder, why, LEFT_OUT),
+                  file=sys.stderr)
+        return EXIT_FAILED if left_out else 0
 
+    def bad_train_arguments(message):
+        print('%s: error: train.py arguments after --: %s (train.py --help lists them)'
+              % (parser.prog, message), file=sys.stderr)
+        return EXIT_BAD_INPUT
     taken = [a for a in extra if a.split('=')[0] in RUNNER_OPTIONS]
     if taken:
-        parser.error('%s: the run command sets these itself' % ', '.join(taken))
+        return bad_train_arguments('%s: the run command sets these itself' % ', '.join(taken))
     common = []
     if args.dataset:
         common += ['--dataset', args.dataset]
@@ -287,9 +306,10 @@ def main(argv=None):
         common += ['--depth', str(args.depth)]
     common += extra
     try:  # check the train.py arguments now, not after hours of training
-        arguments.parse_args(run_argv(methods.TABLE1[0], 0, common, args.out), check_out=False)
+        arguments.parse_args(run_argv(methods.TABLE1[0], 0, common, args.out), check_out=False,
+                             raising=True)
     except run_folders.UsageError as e:
-        parser.error('train.py arguments: %s' % e)
+        return bad_train_arguments(e)
     return run_table(args.out, args.seeds, args.rows, common, args.jobs, args.claim_seeds)
 
 

@@ -357,3 +357,45 @@ def test_run_checks_train_arguments_first(tmp_path):
         proc = run_table('run', '--out', tmp_path / 'root', '--', *extra)
         assert proc.returncode == 2
         assert not (tmp_path / 'root').exists()
+
+
+# ---------------------------------------------------------------------------
+# A broken run folder never costs the table.
+
+def test_report_leaves_out_a_garbage_result_and_keeps_the_old_table(runs, tmp_path):
+    """One result.json is garbage: ``report`` names that folder in one line, exit 1,
+    and writes the table of the others with the folder marked as left out; the
+    table it replaces is only ever replaced whole."""
+    root = tmp_path
+    proc = run_table('report', root)
+    assert proc.returncode == 0, proc.stderr
+    old = (root / 'table.md').read_text()
+    assert '22.50 ± 3.54 (2 seeds)' in old  # BackProp, seeds 0 and 1
+    bad = runs['bp0']
+    with open(os.path.join(bad, 'result.json'), 'w') as f:
+        f.write('{"status": "fini')
+    proc = run_table('report', root)
+    assert proc.returncode == table.EXIT_FAILED, proc.stdout + proc.stderr
+    assert 'Traceback' not in proc.stderr
+    line, = proc.stderr.strip().splitlines()
+    assert line.startswith('python -m chainer_vfbn.table: error: left out %s: ' % bad), line
+    assert os.path.join(bad, 'result.json') + ' cannot be read' in line
+    md = (root / 'table.md').read_text()
+    rows = {r[0]: r for r in table_rows(md)}
+    assert rows['BackProp'][2] == '25.00 (1 seed)'  # seed 1 alone
+    assert rows['VFBN (alpha_gs = 1e-3)'][2] == '21.00 (1 seed)'
+    assert 'Left out, unreadable: %s (%s' % (bad, os.path.join(bad, 'result.json')) in md
+    assert not [n for n in os.listdir(str(root)) if n.endswith('.tmp')]
+
+
+def test_table_errors_about_train_arguments_point_to_train_help(tmp_path):
+    for extra, says in ((['--bogus'], 'unrecognized arguments: --bogus'),
+                        (['--lr', 'nan'], '--lr must be a finite number'),
+                        (['--seed', '3'], '--seed: the run command sets these itself')):
+        proc = run_table('run', '--out', tmp_path / 'root', '--', *extra)
+        assert proc.returncode == 2
+        line, = proc.stderr.strip().splitlines()
+        assert line.startswith('python -m chainer_vfbn.table: error: train.py arguments '
+                               'after --: '), line
+        assert says in line and line.endswith('(train.py --help lists them)'), line
+        assert not (tmp_path / 'root').exists()
