@@ -257,13 +257,40 @@ def snapshot_iteration(path):
         return None
 
 
+def read_recorded(run_dir):
+    """A run's ``args.json``, checked for what rebuilding its network needs (a JSON
+    object, a known method, an integer depth and split): else a
+    :class:`UsageError` naming args.json and what is wrong with it."""
+    path = os.path.join(run_dir, 'args.json')
+    recorded = runs.read_json(path, 'the run\'s arguments')
+
+    def wrong(what):
+        return UsageError('%s is not train.py\'s record of a run: %s' % (path, what))
+    if not isinstance(recorded, dict):
+        raise wrong('not a JSON object')
+    if recorded.get('method', 'bp') not in methods.METHODS:
+        raise wrong('\'method\' must be one of %s, got %r'
+                    % (', '.join(methods.METHODS), recorded.get('method')))
+    if 'depth' not in recorded:
+        raise wrong('no \'depth\'')
+    for key, lowest, required in (('depth', 1, True), ('split', 0, False)):
+        value = recorded.get(key)
+        if (value is not None or required) and not (
+                type(value) is int and lowest <= value <= 3 * config.MAX_UNITS_PER_BLOCK
+                and (key != 'depth' or value <= config.MAX_UNITS_PER_BLOCK)):
+            raise wrong('%r must be an integer in [%d, %d], got %r'
+                        % (key, lowest, config.MAX_UNITS_PER_BLOCK if key == 'depth'
+                           else 3 * config.MAX_UNITS_PER_BLOCK, value))
+    return recorded
+
+
 def resumed_args(args, given):
     """The arguments of a resumed run: its args.json, with the options it may change
     taken from the command line. Any other option given that contradicts args.json
     is refused, naming it."""
     run_dir, snapshot = runs.resume_source(args.resume)
     check_snapshot(args.resume, snapshot, run_dir)
-    recorded = runs.read_json(os.path.join(run_dir, 'args.json'), 'the run\'s arguments')
+    recorded = read_recorded(run_dir)
     names = [dest for dest in vars(args) if dest not in ('resume', 'synth', 'method')]
     merged = argparse.Namespace(**{k: recorded.get(k, getattr(args, k)) for k in names})
     merged.method, merged.synth = recorded.get('method', 'bp'), None

@@ -534,7 +534,7 @@ def test_evaluate_refuses_another_architecture(trained, tmp_path, other):
     target = tmp_path / 'eval.json'
     proc = script('evaluate.py', vfbn, '--snapshot', weights, '--json', target)
     line = assert_one_error_line(proc, 'evaluate.py')
-    assert 'does not hold the network of this run' in line
+    assert 'does not hold the network that' in line
     assert not os.listdir(tmp_path)
 
 

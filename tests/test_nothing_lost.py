@@ -355,3 +355,42 @@ def test_an_mpiexec_job_that_does_not_fit_is_refused_once_at_start(tmp_path, cif
     line = one_error_line(proc)
     assert says in line, line
     assert 'final test error' not in proc.stdout and not out.exists()
+
+
+# ---------------------------------------------------------------------------
+# evaluate.py: the file that is wrong is the one named.
+
+@pytest.mark.parametrize('case, says', [
+    ('not-an-object', "args.json is not train.py's record of a run: not a JSON object"),
+    ('no-depth', "args.json is not train.py's record of a run: no 'depth'"),
+    ('depth-text', "args.json is not train.py's record of a run: 'depth' must be an integer "
+                   "in [1, 200], got 'x'"),
+    ('method', "args.json is not train.py's record of a run: 'method' must be one of"),
+    ('truncated', "cannot read the run's arguments"),
+    ('other-depth', 'model.npz does not hold the network that'),
+    ('tta-images', '--tta-images 500 is more than the 8 test images evaluated'),
+])
+def test_evaluate_names_the_file_that_is_wrong(finished, tmp_path, case, says):
+    run = tmp_path / 'run'
+    shutil.copytree(finished, str(run))
+    recorded = read_json(run / 'args.json')
+    argv = []
+    if case == 'not-an-object':
+        (run / 'args.json').write_text('[1, 2]')
+    elif case == 'truncated':
+        (run / 'args.json').write_text(json.dumps(recorded)[:40])
+    elif case == 'tta-images':
+        argv = ['--tta-images', 500]
+    else:
+        if case == 'no-depth':
+            del recorded['depth']
+        else:
+            recorded.update({'depth-text': {'depth': 'x'}, 'method': {'method': 'vbfn'},
+                             'other-depth': {'depth': 2}}[case])
+        (run / 'args.json').write_text(json.dumps(recorded))
+    line = one_error_line(run_main('evaluate.py', run, *argv), prog='evaluate.py')
+    assert says in line, line
+    if case == 'other-depth':  # either file may be the wrong one: both are named
+        assert str(run / 'model.npz') in line and str(run / 'args.json') in line, line
+    elif case != 'tta-images':
+        assert str(run / 'args.json') in line and 'model.npz' not in line, line
