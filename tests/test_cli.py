@@ -127,6 +127,32 @@ def test_table1_row_trains(trained, row):
         assert 0 <= entry['validation/main/error'] <= 1
     for name in ('model.npz', 'snapshot_iter_3', 'model_iter_3.npz'):
         assert os.path.isfile(os.path.join(out, name)), name
+    assert_every_parameter_learned(out, row)
+
+
+def assert_every_parameter_learned(out, row, iterations=3, lr=0.1, momentum=0.9, decay=1e-4):
+    """Every parameter of every trained network moved by more than its weight decay
+    alone would move it (MomentumSGD, from the initial weights the seed gives, rebuilt
+    here), so a gradient reached it; the synthesizer moved (Adam) unless alpha_gs = 0,
+    where it must be exactly as initialised."""
+    from chainer_vfbn import training
+    training.seed_everything(0, chainer.get_device('@numpy'))
+    initial = methods.build_networks(row.method, depth=1).trained
+    with numpy.load(os.path.join(out, 'snapshot_iter_3')) as f:
+        final = {k: f[k] for k in f.files}
+    for name, link in initial.items():
+        for path, param in link.namedparams():
+            key = 'updater/model:%s%s' % (name, path)
+            w0, w = param.array.astype(numpy.float64), final[key]
+            if name == 'synth':
+                moved = not numpy.array_equal(w, param.array)
+                assert moved == (row.alpha_gs != 0), key
+                continue
+            v, decayed = numpy.zeros_like(w0), w0.copy()
+            for _ in range(iterations):  # the trajectory of a zero gradient
+                v = momentum * v - lr * decay * decayed
+                decayed = decayed + v
+            assert not numpy.allclose(w, decayed, rtol=1e-5, atol=1e-12), key
 
 
 # ---------------------------------------------------------------------------
