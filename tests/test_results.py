@@ -225,16 +225,49 @@ def test_table_pairs_runs_by_seed(tmp_path):
 # ---------------------------------------------------------------------------
 # Figure 3.
 
-def test_plot_writes_png_and_pdf(runs, tmp_path):
+def curves_of(ax):
+    """``{legend label: (xs, ys)}`` of the labelled lines of an axes."""
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+            for line in ax.lines if not line.get_label().startswith('_')}
+
+
+def test_plot_draws_each_row_mean_over_seeds_and_writes_png_and_pdf(runs, tmp_path):
+    """Figure 3 draws, for each row run, the mean over seeds of its logged test
+    errors (%) at the epochs of its iterations, a diverged run's last point marked
+    with an x; the fidelity figure the logged cosines. Both are written as a PNG of
+    the figure's size at 150 dpi and a PDF page of it."""
+    from PIL import Image
+    loaded = [records.load_run(p) for p in runs.values()]
+    epochs = [25 * k * 32 / (1000 * 36.0) for k in (1, 2, 3, 4)]  # iteration x batch / set
+    lines = curves_of(curves.error_figure(loaded).axes[0])
+    assert sorted(lines) == ['BackProp (2 seeds, min-max band)', 'Bottom half with back prop',
+                             "Jaderberg's Linear - DIVERGED at iteration 60",
+                             'VFBN (alpha_gs = 1e-3)']
+    for label, errors in (('BackProp (2 seeds, min-max band)', [55.0, 32.5, 27.5, 22.5]),
+                          ('Bottom half with back prop', [50.0, 40.0, 30.0, 27.0]),
+                          ("Jaderberg's Linear - DIVERGED at iteration 60", [70.0, 60.0]),
+                          ('VFBN (alpha_gs = 1e-3)', [50.0, 30.0, 26.0, 21.0])):
+        xs, ys = lines[label]
+        assert xs == pytest.approx(epochs[:len(errors)]) and ys == pytest.approx(errors), label
+    crosses = [l for l in curves.error_figure(loaded).axes[0].lines if l.get_marker() == 'x']
+    assert [(list(l.get_xdata()), list(l.get_ydata())) for l in crosses] == \
+        [(pytest.approx([epochs[1]]), pytest.approx([60.0]))]
+    cosine = curves_of(curves.fidelity_figure(loaded).axes[0])
+    assert cosine['VFBN (alpha_gs = 1e-3)'] == (pytest.approx(epochs),
+                                                pytest.approx([0.1, 0.2, 0.3, 0.4]))
+    assert 'BackProp (2 seeds, min-max band)' not in cosine  # no synthetic gradient to compare
+
     prefix = str(tmp_path / 'figs' / 'fig3')
     assert curves.main(list(runs.values()) + ['--out', prefix]) == 0
     assert curves.main(list(runs.values()) + ['--out', prefix + 'x', '--x', 'examples']) == 0
-    for name in ('error', 'fidelity'):
-        with open('%s_%s.png' % (prefix, name), 'rb') as f:
-            assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+    for name, inches in (('error', (8.5, 5.5)), ('fidelity', (8.5, 7.5))):
+        with Image.open('%s_%s.png' % (prefix, name)) as png:
+            assert png.size == (round(150 * inches[0]), round(150 * inches[1]))
+            assert len(png.getcolors(1 << 20)) > 50  # drawn, not blank
         with open('%s_%s.pdf' % (prefix, name), 'rb') as f:
-            assert f.read(5) == b'%PDF-'
-        assert os.path.getsize('%s_%s.png' % (prefix, name)) > 10000
+            pdf = f.read()
+        assert pdf.startswith(b'%PDF-')
+        assert b'/MediaBox [ 0 0 %d %d ]' % (72 * inches[0], 72 * inches[1]) in pdf
 
 
 def test_plot_curves_groups_seeds_and_marks_divergence(runs):
