@@ -315,12 +315,20 @@ def test_run_jobs_in_parallel_with_their_share_of_threads(tmp_path, cifar_archiv
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert '2 at a time' in proc.stdout
     assert 'final test error' not in proc.stdout  # train.py's own output stays in its folder
+    # Both started before either ended: they ran at the same time.
+    steps = [l.split('] ', 1)[1] for l in proc.stdout.splitlines() if l.startswith('[table')]
+    said = [s.split(': ')[1].split(' ')[0] for s in steps if re.match(r'\d/2 seed 0 ', s)]
+    assert said[:2] == ['starting', 'starting'] and said[2:] == ['finished', 'finished'], steps
     share = max(1, machine.usable_cpus() // 2)
+    rows = {r[0]: r for r in table_rows((root / 'table.md').read_text())}
     for name in ('bp', 'vfbn-1e-3'):
         folder = root / name / 'seed0'
         assert json.loads((folder / 'args.json').read_text())['threads'] == share
-        assert json.loads((folder / 'result.json').read_text())['status'] == 'finished'
+        result = json.loads((folder / 'result.json').read_text())
+        assert result['status'] == 'finished' and result['iteration'] == 2
         assert 'final test error' in (folder / 'train_output.txt').read_text()
+        # The table reports each run's own final error.
+        assert rows[row(name).label][2] == '%.2f (1 seed)' % (100 * result['test_error'])
 
 
 def test_run_is_resumable(tmp_path, cifar_archive):
