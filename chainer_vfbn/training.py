@@ -405,7 +405,9 @@ def main(argv=None):
     prog = os.path.basename(sys.argv[0])
     rank = pipeline.launched_rank()
     try:
-        args = arguments.parse_args(argv, check_out=rank == 0)
+        # Every rank checks everything, --out included (rank 0 writes to it only
+        # after all have connected), so that all stop together on bad input.
+        args = arguments.parse_args(argv)
         check_launch(args, mpi_world_size())
     except UsageError as e:
         if not rank:

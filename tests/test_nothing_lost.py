@@ -344,14 +344,18 @@ def test_resume_names_a_file_that_is_not_a_whole_snapshot(finished, tmp_path, ca
                                            "processes; launch it with: mpiexec -n 2"),
     (2, ['--synth', 'vfbn'], 'this is an mpiexec job of 2 processes, but only --pipeline '
                              'runs on several processes'),
+    (2, ['--synth', 'vfbn', '--pipeline', '--out', os.devnull + '/out'], 'is a file'),
 ])
 def test_an_mpiexec_job_that_does_not_fit_is_refused_once_at_start(tmp_path, cifar_archive,
                                                                  n, argv, says):
+    """Also an --out that no rank can write to: every rank stops (none waits for
+    rank 0 to connect), rank 0 alone says why."""
     out = tmp_path / 'out'
     proc = subprocess.run([MPIEXEC, '-n', str(n), sys.executable,
                            os.path.join(REPO_ROOT, 'train.py'), *TINY, '--data-dir',
-                           cifar_archive, '--iterations', '20', '--out', str(out), *argv],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+                           cifar_archive, '--iterations', '20', '--out', str(out), *argv,
+                           '--pipeline-timeout', '20'],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     line = one_error_line(proc)
     assert says in line, line
     assert 'final test error' not in proc.stdout and not out.exists()
