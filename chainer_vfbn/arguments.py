@@ -54,7 +54,9 @@ def build_parser(raising=False):
 
     g = p.add_argument_group('network')
     g.add_argument('--depth', type=int, default=config.UNITS_PER_BLOCK,
-                   help='residual units per block (18 = ResNet-110)')
+                   help='residual units per block (18 = ResNet-110; at most %d, ResNet-%d)'
+                        % (config.MAX_UNITS_PER_BLOCK,
+                           model.layer_count(config.MAX_UNITS_PER_BLOCK)))
     g.add_argument('--split', type=int, default=None,
                    help='index of the first upper unit (default: middle of ResBlock-2)')
 
@@ -77,7 +79,8 @@ def build_parser(raising=False):
                         'with --eval-views 1, centre view only)')
 
     g = p.add_argument_group('optimisation')
-    g.add_argument('--batchsize', '-b', type=int, default=config.BATCHSIZE)
+    g.add_argument('--batchsize', '-b', type=int, default=config.BATCHSIZE,
+                   help='at most the examples of one epoch (training images x 36)')
     g.add_argument('--epoch', '-e', type=float, default=config.EPOCHS,
                    help='epochs over the 36x augmented set')
     g.add_argument('--iterations', type=int, default=None,
@@ -90,10 +93,11 @@ def build_parser(raising=False):
     g.add_argument('--lr-drops', type=int, nargs='+', default=None, metavar='ITER',
                    help='multiply the lr by 0.1 after these iterations instead of '
                         '--lr-drop-every (for runs sized in iterations)')
-    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--seed', type=int, default=0, help='0 to 2**32 - 1 (default: 0)')
     g.add_argument('--threads', type=int, default=machine.usable_cpus(),
-                   help='BLAS/OpenMP threads (results are bit-for-bit repeatable for '
-                        'one thread count; default: the CPUs this process may use)')
+                   help='BLAS/OpenMP threads, at most the CPUs this process may use '
+                        '(results are bit-for-bit repeatable for one thread count; '
+                        'default: all of those CPUs)')
 
     g = p.add_argument_group('pipeline (K processes: mpiexec -n K python train.py ... --pipeline)')
     g.add_argument('--pipeline', action='store_true',
@@ -131,7 +135,8 @@ def build_parser(raising=False):
                    default=config.EVAL_VIEWS,
                    help='36: the paper\'s averaged test error; 1: centre view only')
     g.add_argument('--eval-every', type=int, default=None,
-                   help='evaluate and log every N iterations (default: every epoch)')
+                   help='evaluate and log every N iterations, and at the last one '
+                        '(default: every epoch)')
     g.add_argument('--snapshot-every', type=int, default=None,
                    help='trainer snapshot every N iterations (default: every epoch)')
     g.add_argument('--progress', action=argparse.BooleanOptionalAction, default=None,
