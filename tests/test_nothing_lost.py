@@ -132,9 +132,11 @@ def test_each_part_of_a_resumed_run_records_its_threads(finished, tmp_path):
 # ---------------------------------------------------------------------------
 # Ctrl-C in the final test.
 
-def test_ctrl_c_in_the_final_test_keeps_the_training(tmp_path, fashion_mnist_writer):
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_in_the_final_test_keeps_the_training(tmp_path, fashion_mnist_writer, signum):
     """The final 36-view test of 64 images prints a progress line after each batch
-    of 16 (``--progress-every`` 0.01 s); a SIGINT after the first one stops the test.
+    of 16 (``--progress-every`` 0.01 s); a SIGINT (or SIGTERM) after the first one
+    stops the test.
     Training's end is in ``snapshot_iter_2``; the printed command tests, and only
     tests: the log and the weights stay as they were."""
     (tmp_path / 'fm').mkdir()
@@ -151,7 +153,7 @@ def test_ctrl_c_in_the_final_test_keeps_the_training(tmp_path, fashion_mnist_wri
     try:
         for line in proc.stdout:
             if line.startswith('[progress] test, 36 views of images 1-64: '):
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(signum)
                 break
         else:
             pytest.fail('no progress line of the final test')
