@@ -6,6 +6,9 @@
 #   ./setup.sh --numpy 1.26.4        another NumPy (CI's second lane)
 #   VENV=.venv-np1 ./setup.sh ...    another environment folder
 #
+# It installs chainer_vfbn itself editable (pip install -e .), so that it imports
+# from any folder.
+#
 # Chainer 7.8.1 is on PyPI only as an sdist whose setup.py imports pkg_resources,
 # which setuptools 82 removed; pip's isolated build would take the newest setuptools
 # and fail. So we build its (pure-Python) wheel once, without build isolation, in an
@@ -38,6 +41,10 @@ fi
 echo "== installing requirements.txt"
 $PIP install --find-links .wheels -r requirements.txt
 [ -z "$NUMPY" ] || { echo "== numpy==$NUMPY"; $PIP install "numpy==$NUMPY"; }
+# The package itself, editable (pyproject.toml): importable from any folder, and the
+# checkout's code is what runs. Built with this environment's setuptools (< 82).
+echo "== chainer_vfbn (editable)"
+PYTHONWARNINGS=ignore $PIP install --no-deps --no-build-isolation -e .
 [ -z "$CUPY" ] || { echo "== $CUPY"; $PIP install "$CUPY"; }
 
 FMNIST=/usr/share/datasets/fashion-mnist
@@ -51,7 +58,8 @@ if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
   fi
 fi
 
-"$VENV/bin/python" -c "import chainer_vfbn, chainer, numpy; \
+VENV_PY="$(cd "$VENV" && pwd)/bin/python"
+(cd / && "$VENV_PY" -c "import chainer_vfbn, chainer, numpy; \
 from chainer_vfbn import _compat; \
 print('== ready: chainer', chainer.__version__, 'numpy', numpy.__version__, \
-      'repairs', _compat.applied or 'none')"
+      'repairs', _compat.applied or 'none')")

@@ -29,7 +29,7 @@ import chainer  # noqa: E402
 import numpy  # noqa: E402
 
 from chainer_vfbn import config, data, methods, model, sgd  # noqa: E402
-from chainer_vfbn.runs import cpu_name  # noqa: E402
+from chainer_vfbn.machine import cpu_name  # noqa: E402
 
 ROWS = [(r.label, r.method, r.alpha_gs if r.alpha_gs is not None else 0.0)
         for r in methods.TABLE1]

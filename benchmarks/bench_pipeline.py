@@ -42,8 +42,8 @@ import chainer_vfbn  # noqa: E402,F401  (compat shim before chainer)
 import chainer  # noqa: E402
 import numpy  # noqa: E402
 
-from chainer_vfbn import (balance, data, methods, model, pipeline, transport,  # noqa: E402
-                          updaters)
+from chainer_vfbn import (balance, data, machine, methods, model, pipeline,  # noqa: E402
+                          transport, updaters)
 
 WARMUP = 2
 
@@ -324,15 +324,10 @@ def compare_report(res):
     return '\n'.join(lines) + '\n'
 
 
-def cpu_cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-
-
 def facts(args, load):
     """The command, the machine and the settings of a measurement."""
-    from chainer_vfbn.runs import cpu_name
     return dict(command='python benchmarks/bench_pipeline.py ' + ' '.join(sys.argv[1:]),
-                cpu=cpu_name(), cores=cpu_cores(), python=platform.python_version(),
+                cpu=machine.cpu_name(), cores=machine.usable_cpus(), python=platform.python_version(),
                 numpy=numpy.__version__, chainer=chainer.__version__,
                 date=time.strftime('%Y-%m-%d'), depth=args.depth, batch=args.batch,
                 steps=args.steps, rounds=args.rounds, load=load)
@@ -380,7 +375,7 @@ def main():
         write(res, args.out, compare_report(res))
         return
     load = [os.getloadavg()[0]]
-    cores = cpu_cores()
+    cores = machine.usable_cpus()
     kinds = [('bp', cores), ('decoupled', cores), ('decoupled1', 1), ('pipeline0', 1),
              ('pipeline1', 1), ('pipeline2', 1)]
     import threadpoolctl

@@ -7,16 +7,8 @@ import sys
 
 import numpy
 
-from chainer_vfbn import config, data, methods, runs
+from chainer_vfbn import config, data, machine, methods, model, runs
 from chainer_vfbn.runs import UsageError
-
-
-def default_threads():
-    """The CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 #: Options a resumed run may change: where and how it runs, not what it computes.
@@ -38,9 +30,11 @@ class HelpFormatter(argparse.HelpFormatter):
         return text
 
 
-def build_parser():
-    p = runs.ArgumentParser(
-        description='Train ResNet-110 (the paper\'s variant) on CIFAR-10 with one of '
+def build_parser(raising=False):
+    """train.py's parser; ``raising``: a usage error raises :class:`UsageError`
+    instead of ending the process (for ``python -m chainer_vfbn.table``)."""
+    p = (runs.RaisingArgumentParser if raising else runs.ArgumentParser)(
+        prog='train.py', description='Train ResNet-110 (the paper\'s variant) on CIFAR-10 with one of '
                     'the methods of Table 1 (Miyato et al. 2017).',
         formatter_class=HelpFormatter)
     g = p.add_argument_group('method')
@@ -60,7 +54,9 @@ def build_parser():
 
     g = p.add_argument_group('network')
     g.add_argument('--depth', type=int, default=config.UNITS_PER_BLOCK,
-                   help='residual units per block (18 = ResNet-110)')
+                   help='residual units per block (18 = ResNet-110; at most %d, ResNet-%d)'
+                        % (config.MAX_UNITS_PER_BLOCK,
+                           model.layer_count(config.MAX_UNITS_PER_BLOCK)))
     g.add_argument('--split', type=int, default=None,
                    help='index of the first upper unit (default: middle of ResBlock-2)')
 
@@ -83,7 +79,8 @@ def build_parser():
                         'with --eval-views 1, centre view only)')
 
     g = p.add_argument_group('optimisation')
-    g.add_argument('--batchsize', '-b', type=int, default=config.BATCHSIZE)
+    g.add_argument('--batchsize', '-b', type=int, default=config.BATCHSIZE,
+                   help='at most the examples of one epoch (training images x 36)')
     g.add_argument('--epoch', '-e', type=float, default=config.EPOCHS,
                    help='epochs over the 36x augmented set')
     g.add_argument('--iterations', type=int, default=None,
@@ -96,10 +93,11 @@ def build_parser():
     g.add_argument('--lr-drops', type=int, nargs='+', default=None, metavar='ITER',
                    help='multiply the lr by 0.1 after these iterations instead of '
                         '--lr-drop-every (for runs sized in iterations)')
-    g.add_argument('--seed', type=int, default=0)
-    g.add_argument('--threads', type=int, default=default_threads(),
-                   help='BLAS/OpenMP threads (results are bit-for-bit repeatable for '
-                        'one thread count; default: the CPUs this process may use)')
+    g.add_argument('--seed', type=int, default=0, help='0 to 2**32 - 1 (default: 0)')
+    g.add_argument('--threads', type=int, default=machine.usable_cpus(),
+                   help='BLAS/OpenMP threads, at most the CPUs this process may use '
+                        '(results are bit-for-bit repeatable for one thread count; '
+                        'default: all of those CPUs)')
 
     g = p.add_argument_group('pipeline (K processes: mpiexec -n K python train.py ... --pipeline)')
     g.add_argument('--pipeline', action='store_true',
@@ -137,7 +135,8 @@ def build_parser():
                    default=config.EVAL_VIEWS,
                    help='36: the paper\'s averaged test error; 1: centre view only')
     g.add_argument('--eval-every', type=int, default=None,
-                   help='evaluate and log every N iterations (default: every epoch)')
+                   help='evaluate and log every N iterations, and at the last one '
+                        '(default: every epoch)')
     g.add_argument('--snapshot-every', type=int, default=None,
                    help='trainer snapshot every N iterations (default: every epoch)')
     g.add_argument('--progress', action=argparse.BooleanOptionalAction, default=None,
@@ -147,6 +146,17 @@ def build_parser():
                    help='print a progress line this often without a progress bar, and '
                         'during a long pass over the test images')
     return p
+
+
+#: NumPy's RandomState (and so train.py's --seed) takes seeds in [0, 2**32 - 1].
+SEED_MAX = 2 ** 32 - 1
+
+
+def training_examples(args):
+    """Examples in one epoch of the 36x augmented training set (known before the
+    data is loaded: the set's size or --train-images)."""
+    full = data.TRAIN_SIZES.get(args.dataset, 0)
+    return config.N_VIEWS * (min(args.train_images, full) if args.train_images else full)
 
 
 def validate(args):
@@ -173,6 +183,24 @@ def validate(args):
         if getattr(args, name) < 0:
             raise UsageError('--%s must be >= 0, got %g'
                              % (name.replace('_', '-'), getattr(args, name)))
+    for name, top, why in (
+            ('seed', SEED_MAX, "NumPy's RandomState takes 32-bit seeds"),
+            ('depth', config.MAX_UNITS_PER_BLOCK,
+             'ResNet-%d, the deepest of He et al. 2016 on CIFAR-10'
+             % model.layer_count(config.MAX_UNITS_PER_BLOCK)),
+            ('batchsize', training_examples(args),
+             'the training examples of one epoch: %s training images x %d views'
+             % (args.train_images or 'all %d' % data.TRAIN_SIZES.get(args.dataset, 0),
+                config.N_VIEWS)),
+            ('threads', machine.usable_cpus(), 'the CPUs this process may use')):
+        if not 0 <= getattr(args, name) <= top:
+            raise UsageError('--%s must be in [%d, %d] (%s), got %d'
+                             % (name, 0 if name == 'seed' else 1, top, why,
+                                getattr(args, name)))
+    if args.diag_interval < 0:
+        raise UsageError('--diag-interval must be >= 0 (0: off), got %d' % args.diag_interval)
+    if not args.out:
+        raise UsageError('--out must name a folder, got an empty name')
     if not 0 <= args.momentum < 1:
         raise UsageError('--momentum must be in [0, 1), got %g' % args.momentum)
     if args.lr_drops is not None and (min(args.lr_drops) < 1 or
@@ -213,9 +241,9 @@ def validate(args):
     return args
 
 
-def given_options(argv):
+def given_options(argv, raising=False):
     """The destinations of the options written on the command line ``argv``."""
-    parser = build_parser()
+    parser = build_parser(raising)
     unset = object()
     parser.set_defaults(**{a.dest: unset for a in parser._actions if a.dest != 'help'})
     return {k for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
@@ -234,12 +262,40 @@ def snapshot_iteration(path):
         return None
 
 
+def read_recorded(run_dir):
+    """A run's ``args.json``, checked for what rebuilding its network needs (a JSON
+    object, a known method, an integer depth and split): else a
+    :class:`UsageError` naming args.json and what is wrong with it."""
+    path = os.path.join(run_dir, 'args.json')
+    recorded = runs.read_json(path, 'the run\'s arguments')
+
+    def wrong(what):
+        return UsageError('%s is not train.py\'s record of a run: %s' % (path, what))
+    if not isinstance(recorded, dict):
+        raise wrong('not a JSON object')
+    if recorded.get('method', 'bp') not in methods.METHODS:
+        raise wrong('\'method\' must be one of %s, got %r'
+                    % (', '.join(methods.METHODS), recorded.get('method')))
+    if 'depth' not in recorded:
+        raise wrong('no \'depth\'')
+    for key, lowest, required in (('depth', 1, True), ('split', 0, False)):
+        value = recorded.get(key)
+        if (value is not None or required) and not (
+                type(value) is int and lowest <= value <= 3 * config.MAX_UNITS_PER_BLOCK
+                and (key != 'depth' or value <= config.MAX_UNITS_PER_BLOCK)):
+            raise wrong('%r must be an integer in [%d, %d], got %r'
+                        % (key, lowest, config.MAX_UNITS_PER_BLOCK if key == 'depth'
+                           else 3 * config.MAX_UNITS_PER_BLOCK, value))
+    return recorded
+
+
 def resumed_args(args, given):
     """The arguments of a resumed run: its args.json, with the options it may change
     taken from the command line. Any other option given that contradicts args.json
     is refused, naming it."""
     run_dir, snapshot = runs.resume_source(args.resume)
-    recorded = runs.read_json(os.path.join(run_dir, 'args.json'), 'the run\'s arguments')
+    check_snapshot(args.resume, snapshot, run_dir)
+    recorded = read_recorded(run_dir)
     names = [dest for dest in vars(args) if dest not in ('resume', 'synth', 'method')]
     merged = argparse.Namespace(**{k: recorded.get(k, getattr(args, k)) for k in names})
     merged.method, merged.synth = recorded.get('method', 'bp'), None
@@ -265,20 +321,69 @@ def resumed_args(args, given):
                                 theirs, run_dir))
     if 'out' not in given:
         merged.out = run_dir
+    if 'epoch' in given and 'iterations' not in given:
+        merged.iterations = None  # the stopping point is now in epochs
     merged.resume = snapshot
-    merged.parts = recorded.get('parts', []) + [
-        {'resumed_from': snapshot, 'iterations': merged.iterations, 'epoch': merged.epoch}]
+    first = {'resumed_from': None, 'iterations': recorded.get('iterations'),
+             'epoch': recorded.get('epoch'), 'threads': recorded.get('threads')}
+    merged.parts = (recorded.get('parts') or [first]) + [
+        {'resumed_from': snapshot, 'iterations': merged.iterations, 'epoch': merged.epoch,
+         'threads': merged.threads}]
     return merged
 
 
-def parse_args(argv=None, check_out=True):
+def check_snapshot(given, path, run_dir):
+    """Refuse a ``--resume`` file that is not a whole trainer snapshot, naming it."""
+    try:
+        with numpy.load(path) as f:
+            trainer = 'updater/iteration' in f.files
+    except Exception as e:
+        raise UsageError('--resume %s: %s cannot be read as a trainer snapshot (%s: %s); it '
+                         'is truncated or damaged: resume from an earlier snapshot_iter_N in '
+                         '%s' % (given, path, type(e).__name__, str(e).splitlines()[0]
+                                 if str(e) else '', run_dir))
+    if not trainer:
+        raise UsageError('--resume %s: %s is not a trainer snapshot (it has no '
+                         'updater/iteration; model.npz and model_iter_N.npz hold only the '
+                         'network, for evaluate.py): resume from the run folder or a '
+                         'snapshot_iter_N' % (given, path))
+
+
+def refuse_finished(args):
+    """A finished run resumed in its own folder without a later stopping point:
+    :class:`~chainer_vfbn.runs.NothingToDo`, before any file is touched."""
+    run_dir = os.path.dirname(args.resume) or '.'
+    path = os.path.join(run_dir, 'result.json')
+    if not os.path.isfile(path):
+        return
+    result = runs.read_json(path, 'the run\'s result')
+    if result.get('status') != 'finished':
+        return
+    done, done_epoch = result.get('iteration'), result.get('epoch')
+    if args.iterations:
+        more = done is not None and args.iterations > done
+    else:
+        more = done_epoch is not None and args.epoch > done_epoch
+    if not more:
+        raise runs.NothingToDo(
+            '%s is finished (iteration %s, epoch %.4g; test error %.2f%%, result.json): '
+            'nothing to do, no file touched. To train it further, give a later stopping '
+            'point, recorded in args.json\'s parts: --resume %s --iterations N with N > %s, '
+            'or --epoch E with E > %.4g'
+            % (run_dir, done, done_epoch or 0, 100 * result.get('test_error', float('nan')),
+               run_dir, done, done_epoch or 0))
+
+
+def parse_args(argv=None, check_out=True, raising=False):
     """The run's arguments, checked; for ``--resume``, read back from the run's
     folder. With ``check_out``, also that ``--out`` may take the run. Raises
-    :class:`UsageError`; writes nothing."""
+    :class:`UsageError` (``raising``: argparse's errors too); writes nothing."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    args = validate(build_parser().parse_args(argv))
+    args = validate(build_parser(raising).parse_args(argv))
     if args.resume:
-        args = validate(resumed_args(args, given_options(argv)))
+        args = validate(resumed_args(args, given_options(argv, raising)))
+        if continues_in_place(args):
+            refuse_finished(args)
     else:
         args.parts = []
     if check_out and not continues_in_place(args):

@@ -8,6 +8,8 @@ where both are silent and written down in SPEC.md and the README.
 # Network (paper appendix B.1, Figure 2; cifar10's ResNet-110).
 UNITS_PER_BLOCK = 18          # paper: 3 blocks x 18 units x 2 convs + conv1 + fc = 110
 BLOCK_CHANNELS = (32, 64, 64)  # paper B.1: feature maps of ResBlock-1, 2, 3
+MAX_UNITS_PER_BLOCK = 200     # choice: --depth's bound, ResNet-1202, the deepest CIFAR-10
+                              # network of He et al. 2016 (sec. 4.2); 6 x 200 + 2 layers
 STEM_CHANNELS = 16            # paper B.1: 24x24x3 -> 22x22x16, no padding
 N_CLASSES = 10                # CIFAR-10 / Fashion-MNIST
 INPUT_SIZE = 24               # paper B.1: 24x24 crops

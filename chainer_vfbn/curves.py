@@ -12,7 +12,7 @@ and a min-max band. :func:`plot_fidelity` draws ``synth/cosine`` and
 ``delta``) for the runs that log them.
 
 A diverged run's line ends at its last logged evaluation, with an ``x``, and its legend
-entry says so. Runs are read with :func:`chainer_vfbn.runs.load_run`.
+entry says so. Runs are read with :func:`chainer_vfbn.records.load_run`.
 
 ``python plot_curves.py RUN_DIR [RUN_DIR ...] --out PREFIX [--x epoch|examples]``
 writes ``PREFIX_error.{png,pdf}`` and ``PREFIX_fidelity.{png,pdf}``.
@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 
 from chainer_vfbn import config, methods, model
 from chainer_vfbn import runs as runs_module
-from chainer_vfbn.runs import RunError, load_run
+from chainer_vfbn.records import RunError, load_run
 
 EXIT_BAD_INPUT = runs_module.EXIT_BAD_INPUT
 
@@ -188,8 +188,13 @@ def _save(fig, prefix, name):
 
 
 def plot_error(runs, prefix, unit='epoch'):
-    """Figure 3: test error (%) against training progress, one line per Table 1 row.
-    Writes ``PREFIX_error.png`` and ``.pdf``; returns their paths."""
+    """Figure 3 (:func:`error_figure`) to ``PREFIX_error.png`` and ``.pdf``; returns
+    their paths."""
+    return _save(error_figure(runs, unit), prefix, 'error')
+
+
+def error_figure(runs, unit='epoch'):
+    """Figure 3: test error (%) against training progress, one line per Table 1 row."""
     fig, (ax,) = _new_figure(1, 5.5)
     for label, group, variant in _with_variants(group_runs(runs)):
         _draw(ax, label, group, 'validation/main/error', unit, variant, scale=100.0)
@@ -201,13 +206,19 @@ def plot_error(runs, prefix, unit='epoch'):
     ax.set_xlim(left=0)
     ax.grid(True, alpha=0.3)
     _legend(fig, ax)
-    return _save(fig, prefix, 'error')
+    return fig
 
 
 def plot_fidelity(runs, prefix, unit='epoch'):
+    """The gradient fidelity (:func:`fidelity_figure`) to ``PREFIX_fidelity.png`` and
+    ``.pdf``; returns their paths."""
+    return _save(fidelity_figure(runs, unit), prefix, 'fidelity')
+
+
+def fidelity_figure(runs, unit='epoch'):
     """How well the synthetic gradient matches the true one (SPEC section 3):
     ``synth/cosine`` and ``synth/rel_error`` for the synthetic methods and the
-    layer-wise baseline. Writes ``PREFIX_fidelity.png`` and ``.pdf``."""
+    layer-wise baseline."""
     fig, axes = _new_figure(len(FIDELITY_KEYS), 7.5)
     with_fidelity = [r for r in runs if any('synth/cosine' in e for e in r.log)
                      or r.args.get('method') in methods.SYNTHESIZERS + ('layerwise',)]
@@ -232,7 +243,7 @@ def plot_fidelity(runs, prefix, unit='epoch'):
                  fontsize=10)
     axes[-1].set_xlabel(x_label(unit))
     _legend(fig, axes[0])
-    return _save(fig, prefix, 'fidelity')
+    return fig
 
 
 def plot_all(runs, prefix, unit='epoch'):

@@ -36,6 +36,8 @@ FASHION_MNIST_FILES = {
     'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
 }
 DATASETS = ('cifar10', 'fashion-mnist')
+#: Images in each training set (``--train-images`` may use fewer).
+TRAIN_SIZES = {'cifar10': 50000, 'fashion-mnist': 60000}
 
 
 class DataError(Exception):

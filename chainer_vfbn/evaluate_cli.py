@@ -23,7 +23,7 @@ import sys
 import chainer
 import numpy
 
-from chainer_vfbn import config, data, methods, runs
+from chainer_vfbn import arguments, config, data, methods, runs
 from chainer_vfbn.evaluation import PassProgress, final_test_errors, test_errors
 from chainer_vfbn.runs import EXIT_BAD_INPUT, UsageError, read_json, write_json
 
@@ -174,26 +174,40 @@ def load_weights(path, predictor, parts, describe):
         if held != expected:
             missing, extra = sorted(expected - held), sorted(held - expected)
             raise UsageError(
-                '%s does not hold the network of this run (%s): %d values missing%s, '
-                '%d unexpected%s' % (path, describe, len(missing),
+                '%s does not hold the network that %s: %d values missing%s, %d '
+                'unexpected%s; one of the two files is another run\'s' % (path, describe, len(missing),
                                      ' (%s%s)' % (prefix, missing[0]) if missing else '',
                                      len(extra), ' (%s%s)' % (prefix, extra[0]) if extra else ''))
         try:
             chainer.serializers.load_npz(path, link, path=prefix)
         except (KeyError, ValueError) as e:
-            raise UsageError('%s does not fit the network of this run (%s): %s'
+            raise UsageError('%s does not fit the network that %s: %s'
                              % (path, describe, str(e).splitlines()[0]))
     return ('trainer snapshot' if trainer else 'predictor'), iteration
+
+
+def check_tta(tta, n_images, the_runs):
+    """Refuse a 36-view error over more test images than are evaluated, as train.py
+    does (``the_runs``: the count is the run's own --tta-images)."""
+    if tta is not None and tta < 1:
+        raise UsageError('--tta-images must be >= 1, got %d' % tta)
+    if tta and n_images != 'all' and tta > n_images:
+        raise UsageError('--tta-images %d%s is more than the %d test images evaluated '
+                         '(--test-images)' % (tta, ' (the run\'s)' if the_runs else '',
+                                              n_images))
 
 
 def evaluate(args):
     """Evaluate one run's weights; return the result dictionary."""
     run_dir, weights = locate(args.run, args.snapshot)
-    run_args = read_json(os.path.join(run_dir, 'args.json'), 'the run\'s arguments')
+    run_args = arguments.read_recorded(run_dir)
     method = run_args.get('method', 'bp')
-    describe = 'method %s, depth %s, split %s' % (
-        method, run_args.get('depth'),
+    describe = '%s describes: method %s, depth %s, split %s' % (
+        os.path.join(run_dir, 'args.json'), method, run_args.get('depth'),
         'middle' if run_args.get('split') is None else run_args.get('split'))
+    n_images = args.test_images or run_args.get('test_images') or 'all'
+    tta = args.tta_images if args.tta_images is not None else run_args.get('tta_images')
+    check_tta(tta, n_images, args.tta_images is None)
 
     device = runs.resolve_device(args.device, args.gpu)
     predictor, parts = build_predictor(run_args, device)
@@ -208,13 +222,12 @@ def evaluate(args):
     data_dir = args.data_dir
     if data_dir is None and dataset == run_args.get('dataset', 'cifar10'):
         data_dir = run_args.get('data_dir')
-    n_images = args.test_images or run_args.get('test_images') or 'all'
-    tta = args.tta_images if args.tta_images is not None else run_args.get('tta_images')
     views = args.views or (config.N_VIEWS if tta else
                            run_args.get('eval_views', config.EVAL_VIEWS))
     _, (test_x, test_y) = data.load(dataset, data_dir)
     if n_images != 'all':
         test_x, test_y = test_x[:n_images], test_y[:n_images]
+    check_tta(tta, len(test_x), args.tta_images is None)
 
     progress = PassProgress(sys.stderr, 60.0)  # stdout may be the --json output
     if views == config.N_VIEWS and tta and tta < len(test_x):

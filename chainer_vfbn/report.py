@@ -15,7 +15,7 @@ import os
 import shlex
 import statistics
 
-from chainer_vfbn import arguments, curves, methods, model
+from chainer_vfbn import arguments, curves, methods, model, records
 from chainer_vfbn import runs as run_folders
 
 
@@ -138,7 +138,7 @@ def error_text(runs, key='test_error'):
 
 
 def experiments(runs):
-    """A row's runs split by configuration (:attr:`chainer_vfbn.runs.Run.config`): the seeds
+    """A row's runs split by configuration (:attr:`chainer_vfbn.records.Run.config`): the seeds
     of one experiment together, so that no mean mixes two settings. A row without
     runs gives one empty experiment (its line says 'not run')."""
     groups = {}
@@ -173,7 +173,7 @@ def paired_interval(differences):
 def _pairing_key(run):
     """What must match for two runs of different rows to be a pair: the seed and
     every setting but the method's own."""
-    own = set(run_folders.PER_RUN_KEYS) - {'seed'} | {'method', 'alpha_gs'}
+    own = set(records.PER_RUN_KEYS) - {'seed'} | {'method', 'alpha_gs'}
     return tuple(sorted((k, repr(v)) for k, v in run.args.items() if k not in own))
 
 
@@ -221,15 +221,17 @@ def seeds_text(runs):
     return ', '.join(str(s) for s in sorted({r.args.get('seed') for r in runs})) or '-'
 
 
-def results_table(run_dirs):
+def results_table(run_dirs, left_out=()):
     """Markdown: Table 1 rows in the paper's order with the paper's CIFAR-10 error,
     ours, the seeds and the exact command; shared facts in a paragraph above. A row
     run in several configurations gets one line for each.
 
-    ``run_dirs`` are train.py output folders (raises :class:`run_folders.RunError` for a
-    folder without args.json). Runs of methods outside Table 1 are listed below it.
+    ``run_dirs`` are train.py output folders or their :class:`~chainer_vfbn.records.Run`
+    (raises :class:`~chainer_vfbn.records.RunError` for a folder without args.json).
+    Runs of methods outside Table 1 are listed below it; ``left_out``, ``[(folder,
+    why)]`` of folders that could not be read, below that.
     """
-    runs = [run_folders.load_run(d) for d in run_dirs]
+    runs = [d if isinstance(d, records.Run) else records.load_run(d) for d in run_dirs]
     others = [r for r in runs if r.row is None]
     present = [r for r in runs if r.row is not None]
 
@@ -267,16 +269,26 @@ def results_table(run_dirs):
     if others:
         lines += ['', 'Runs of methods outside Table 1 (not in the table): ' + ', '.join(
             '%s (%s)' % (r.path, r.label) for r in others) + '.']
+    if left_out:
+        lines += ['', 'Left out, unreadable: ' + '; '.join('%s (%s)' % (folder, why)
+                                                          for folder, why in left_out) + '.']
     return '\n'.join(lines) + '\n'
 
 
 def write_report(root, run_dirs=None):
-    """``ROOT/table.md`` and ``ROOT/figure3_{error,fidelity}.{png,pdf}``; returns the
-    paths written. Runs without a log yet are left out of the figures."""
+    """``ROOT/table.md`` (atomically: the old table is replaced whole or not at all)
+    and ``ROOT/figure3_{error,fidelity}.{png,pdf}``. A folder that cannot be read
+    (a garbage result.json) is left out and marked in the table. Returns ``(paths
+    written, [(folder left out, why)])``. Runs without a log yet are left out of the
+    figures."""
     run_dirs = run_folders.find_run_dirs(root) if run_dirs is None else run_dirs
+    runs, left_out = [], []
+    for folder in run_dirs:
+        try:
+            runs.append(records.load_run(folder))
+        except records.RunError as e:
+            left_out.append((folder, str(e)))
     path = os.path.join(root, 'table.md')
-    with open(path, 'w') as f:
-        f.write(results_table(run_dirs))
-    runs = [run_folders.load_run(d) for d in run_dirs]
+    run_folders.write_text(path, results_table(runs, left_out))
     plotted = [r for r in runs if r.log or r.status == 'diverged']
-    return [path] + curves.plot_all(plotted, os.path.join(root, 'figure3'))
+    return [path] + curves.plot_all(plotted, os.path.join(root, 'figure3')), left_out

@@ -1,6 +1,8 @@
 """Run folders: what ``train.py`` writes, how a run is continued, and the small
-things every command line shares (the usage error, exit codes, atomic JSON, the
-device, the machine and versions recorded beside a run).
+things every command line shares (the usage error, exit codes, atomic files, the
+device). What the table and the figures read from a folder is
+:mod:`chainer_vfbn.records`; the machine and versions recorded beside a run,
+:mod:`chainer_vfbn.machine`.
 
 A run folder holds ``args.json`` (every argument, the versions and the machine),
 ``log``, trainer snapshots ``snapshot_iter_N``, predictor snapshots
@@ -14,13 +16,12 @@ import glob
 import json
 import math
 import os
-import platform
 import re
 
 import chainer
 import numpy
+from chainer.training.extensions import snapshot_writers
 
-from chainer_vfbn import config, methods
 
 #: Where ``train.py`` writes when no ``--out`` is given, and where ``evaluate.py``
 #: and ``plot_curves.py`` look when given nothing.
@@ -44,25 +45,74 @@ class ArgumentParser(argparse.ArgumentParser):
                   % (self.prog, message, self.prog))
 
 
+class RaisingArgumentParser(ArgumentParser):
+    """A parser whose usage errors raise :class:`UsageError` (the message alone):
+    for a command that checks another's arguments and says so in its own line."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
 class UsageError(Exception):
     """Bad arguments or environment; the message says what to do instead."""
+
+
+class NothingToDo(Exception):
+    """The command has nothing to do (a finished run resumed without a later
+    stopping point); the message says so and what to give instead. Exit 0."""
 
 
 # ---------------------------------------------------------------------------
 # JSON.
 
-def write_json(path, obj):
-    """Write strict JSON atomically: a reader sees the old file or the whole new one,
-    and a NaN or infinity is refused rather than written as invalid JSON."""
+def replace_atomically(path, write):
+    """Make ``path`` with ``write(temporary path)``, then rename it into place: a
+    reader (or a resumed run) sees the old file or the whole new one, never half of
+    one. The temporary, ``path + '.tmp'`` in the same folder, is removed whatever
+    happens (a full disk, Ctrl-C)."""
     tmp = path + '.tmp'
     try:
-        with open(tmp, 'w') as f:
-            json.dump(obj, f, indent=2, sort_keys=True, allow_nan=False)
-            f.write('\n')
+        write(tmp)
         os.replace(tmp, path)
+    except OSError as e:  # a write to an open file does not say which (a full disk)
+        e.filename = e.filename or path
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json(path, obj):
+    """Write strict JSON atomically; a NaN or infinity is refused rather than written
+    as invalid JSON."""
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=2, sort_keys=True, allow_nan=False)
+            f.write('\n')
+    replace_atomically(path, write)
+
+
+def write_text(path, text):
+    """Write a text file atomically."""
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            f.write(text)
+    replace_atomically(path, write)
+
+
+def save_npz(path, obj):
+    """``chainer.serializers.save_npz``, atomically."""
+    replace_atomically(path, lambda tmp: chainer.serializers.save_npz(tmp, obj))
+
+
+class AtomicWriter(snapshot_writers.Writer):
+    """The writer of the trainer's snapshots: each written to ``NAME.tmp`` beside
+    its final name and renamed into place (:func:`replace_atomically`); older
+    snapshots are pruned only after the new one is whole."""
+
+    def __call__(self, filename, outdir, target):
+        save_npz(os.path.join(outdir, filename), target)
+        self._post_save()
 
 
 def read_json(path, what):
@@ -157,118 +207,7 @@ def resume_source(path):
 
 
 # ---------------------------------------------------------------------------
-# The run record: what the table and the figures read from a run folder.
-
-#: Images in each training set (``--train-images`` may use fewer).
-TRAIN_SIZES = {'cifar10': 50000, 'fashion-mnist': 60000}
-
-#: args.json keys that say where or on what a run ran, not what it computed.
-PER_RUN_KEYS = ('seed', 'out', 'resume', 'progress', 'synth', 'versions', 'machine',
-                'device', 'gpu', 'data_dir', 'threads', 'overwrite', 'progress_every',
-                'parts', 'pipeline_timeout')
-
-
-class RunError(Exception):
-    """A folder is not a usable run folder; the message says why."""
-
-
-class Run(object):
-    """One ``train.py`` output folder: ``args`` (args.json), ``log`` (the LogReport
-    entries, ``[]`` when there is none yet) and ``result`` (result.json or None)."""
-
-    def __init__(self, path, args, log, result):
-        self.path, self.args, self.log, self.result = path, args, log, result
-        self.row = methods.find_row(args.get('method'), args.get('alpha_gs'))
-
-    @property
-    def status(self):
-        """'finished', 'diverged' or 'unfinished' (no result.json: running or stopped)."""
-        return self.result.get('status', 'unfinished') if self.result else 'unfinished'
-
-    @property
-    def label(self):
-        if self.row is not None:
-            return self.row.label
-        return '%s (alpha_gs = %g)' % (self.args.get('method'), self.args.get('alpha_gs'))
-
-    @property
-    def row_key(self):
-        return (self.row.method, self.row.alpha_gs) if self.row else None
-
-    @property
-    def config(self):
-        """What the run computed, seed aside: runs with equal configs are seeds of
-        one experiment."""
-        return tuple(sorted((k, json.dumps(v)) for k, v in self.args.items()
-                            if k not in PER_RUN_KEYS))
-
-    @property
-    def train_images(self):
-        """Training images actually used (``--train-images`` cuts the set)."""
-        full = TRAIN_SIZES.get(self.args.get('dataset'))
-        n = self.args.get('train_images')
-        return min(n, full) if n and full else (n or full)
-
-    @property
-    def last_iteration(self):
-        """result.json's iteration (for a diverged run, the one that went
-        non-finite), else the last logged one."""
-        if self.result and self.result.get('iteration') is not None:
-            return self.result['iteration']
-        return self.log[-1]['iteration'] if self.log else 0
-
-    def x(self, iteration, unit):
-        """Training progress at an iteration: epochs of the 36x set, or examples seen."""
-        examples = iteration * self.args['batchsize']
-        if unit == 'examples':
-            return examples
-        return examples / float(self.train_images * config.N_VIEWS)
-
-    def series(self, key, unit):
-        """``[(x, value)]`` of one log key, in log order."""
-        return [(self.x(e['iteration'], unit), e[key]) for e in self.log
-                if e.get(key) is not None]
-
-
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise RunError('%s cannot be read (%s)' % (path, e))
-
-
-def with_defaults(recorded):
-    """A run's recorded arguments completed with train.py's defaults for the options
-    its args.json predates (a run made before ``--lag`` existed ran at no lag), so
-    that runs of older and newer code compare, pair and plot as one setting."""
-    from chainer_vfbn import arguments  # it imports this module
-    defaults = vars(arguments.build_parser().parse_args([]))
-    return dict({k: v for k, v in defaults.items() if k not in recorded}, **recorded)
-
-
-def load_run(path, need_log=False):
-    """Read a run folder. It needs ``args.json``; with ``need_log`` also a ``log``,
-    unless it diverged before its first evaluation."""
-    if not os.path.isdir(path):
-        raise RunError('%s is not a folder' % path)
-    args_file = os.path.join(path, 'args.json')
-    if not os.path.exists(args_file):
-        raise RunError('%s is not a run folder: it has no args.json (train.py writes '
-                       'args.json and log into its --out folder)' % path)
-    args = with_defaults(_read_json(args_file))
-    log_file, result_file = os.path.join(path, 'log'), os.path.join(path, 'result.json')
-    log = _read_json(log_file) if os.path.exists(log_file) else []
-    result = _read_json(result_file) if os.path.exists(result_file) else None
-    run = Run(path, args, log, result)
-    if need_log and not log and run.status != 'diverged':
-        raise RunError('%s has no log yet: train.py writes it at the first evaluation '
-                       '(--eval-every)' % path)
-    return run
-
-
-# ---------------------------------------------------------------------------
-# Device, versions, machine.
+# Device.
 
 def resolve_device(spec=None, gpu=None):
     """The Chainer device; a missing GPU is an error, never a silent CPU run."""
@@ -291,42 +230,6 @@ def resolve_device(spec=None, gpu=None):
                          '(README, GPU) or run on the CPU: leave out --gpu/--device'
                          % (spec, first))
     return device
-
-
-def versions():
-    """Versions of what computes the numbers (recorded in args.json)."""
-    v = {'python': platform.python_version(), 'chainer': chainer.__version__,
-         'numpy': numpy.__version__}
-    try:
-        import cupy
-        v['cupy'] = cupy.__version__
-    except Exception:
-        pass
-    return v
-
-
-def cpu_name():
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine(device):
-    m = {'platform': platform.platform(), 'cpu': cpu_name(), 'cpus': os.cpu_count(),
-         'device': str(device)}
-    if device.xp is not numpy:
-        try:
-            import cupy
-            props = cupy.cuda.runtime.getDeviceProperties(device.device.id)
-            m['gpu'] = props['name'].decode() if isinstance(props['name'], bytes) else props['name']
-        except Exception:
-            pass
-    return m
 
 
 def finite(value):

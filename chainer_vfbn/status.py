@@ -28,7 +28,7 @@ import socket
 import time
 
 from chainer_vfbn import runs as run_folders
-from chainer_vfbn import slurm
+from chainer_vfbn import records, slurm
 from chainer_vfbn.runs import UsageError
 
 PLAN_FILE = 'table_plan.json'
@@ -149,8 +149,8 @@ def run_state(root, entry, queue, table_alive):
     job = entry.get('job')
     if os.path.isfile(os.path.join(folder, 'args.json')):
         try:
-            run = run_folders.load_run(folder)
-        except run_folders.RunError as e:
+            run = records.load_run(folder)
+        except records.RunError as e:
             return 'failed', str(e)
         if run.status == 'finished':
             error = run.result.get('test_error')

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 
-from chainer_vfbn import arguments, methods, placement, report, slurm
+from chainer_vfbn import arguments, machine, methods, placement, records, report, slurm
 from chainer_vfbn import runs as run_folders
 from chainer_vfbn import status as run_states
 
@@ -44,6 +44,8 @@ RUNNER_OPTIONS = ('--out', '-o', '--seed', '--method', '--synth', '--alpha-gs',
 THREAD_VARIABLES = ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS')
 
 EXIT_FAILED = 1
+LEFT_OUT = 'table.md and the figures are written without it'
+
 EXIT_BAD_INPUT = run_folders.EXIT_BAD_INPUT
 EXIT_INTERRUPTED = run_folders.EXIT_INTERRUPTED
 
@@ -74,10 +76,10 @@ def config_mismatch(recorded, argv):
     """How a folder's args.json differs from what ``argv`` would run ('' if not).
     An option the run's args.json predates counts as its default."""
     planned = vars(arguments.parse_args(argv, check_out=False))
-    recorded = run_folders.with_defaults(recorded)
+    recorded = records.with_defaults(recorded)
     diffs = ['%s %r there, %r now' % (k, recorded.get(k), v)
              for k, v in sorted(planned.items())
-             if k not in run_folders.PER_RUN_KEYS and recorded.get(k) != v]
+             if k not in records.PER_RUN_KEYS and recorded.get(k) != v]
     return '; '.join(diffs)
 
 
@@ -103,7 +105,7 @@ class Runner(object):
     def __init__(self, root, common, jobs=1, threads=None, python=sys.executable,
                  train_py=TRAIN_PY):
         self.root, self.common, self.jobs = root, common, jobs
-        self.threads = threads or max(1, arguments.default_threads() // jobs)
+        self.threads = threads or max(1, machine.usable_cpus() // jobs)
         self.python, self.train_py = python, train_py
         self.start = time.time()
         self.failed = []
@@ -123,14 +125,14 @@ class Runner(object):
         name = '%d/%d seed %d %s (%s)' % (step, total, seed, row.slug, row.label)
         args_file = os.path.join(out, 'args.json')
         if os.path.exists(args_file):
-            mismatch = config_mismatch(run_folders.load_run(out).args, argv)
+            mismatch = config_mismatch(records.load_run(out).args, argv)
             if mismatch:
                 self.say('%s: FAILED: %s holds a run with other arguments (%s); use '
                          'another --out, or delete that folder to rerun it'
                          % (name, out, mismatch))
                 self.failed.append(name)
                 return 'failed'
-            run = run_folders.load_run(out)
+            run = records.load_run(out)
             if run.status in ('finished', 'diverged'):
                 self.say('%s: skipped, already %s (%s)' % (name, run.status, outcome(run)))
                 return run.status
@@ -144,7 +146,7 @@ class Runner(object):
             self.say('%s: starting' % name)
         began = time.time()
         code = self._train(argv, out, device)
-        run = run_folders.load_run(out) if os.path.exists(args_file) else None
+        run = records.load_run(out) if os.path.exists(args_file) else None
         status = run.status if run else 'unfinished'
         if code == 0 and status == 'finished' or \
                 code == run_folders.EXIT_DIVERGED and status == 'diverged':
@@ -224,6 +226,10 @@ def run_table(root, seeds, slugs, common, jobs=1, claim_seeds=None, devices=None
         device = free.get() if devices else ()
         try:
             state = runner.run_one(i + 1, len(steps), seed, row, device)
+        except records.RunError as e:  # a broken run folder: say so, go on
+            runner.say('%d/%d seed %d %s: FAILED: %s' % (i + 1, len(steps), seed, row.slug, e))
+            runner.failed.append(row.slug)
+            return 'failed'
         finally:
             if devices:
                 free.put(device)
@@ -244,8 +250,12 @@ def run_table(root, seeds, slugs, common, jobs=1, claim_seeds=None, devices=None
     if stop.is_set():
         runner.say('interrupted: run the same command again to resume')
         return EXIT_INTERRUPTED
-    for path in report.write_report(root):
+    paths, left_out = report.write_report(root)
+    for path in paths:
         runner.say('wrote %s' % path)
+    for folder, why in left_out:
+        runner.say('left out %s: %s; %s' % (folder, why, LEFT_OUT))
+        runner.failed.append(folder)
     if runner.failed:
         runner.say('%d run(s) failed: %s' % (len(runner.failed), '; '.join(runner.failed)))
         return EXIT_FAILED
@@ -301,14 +311,14 @@ def submit_slurm(root, steps, common, opts):
                                                              queued[old[folder]]))
             continue
         if os.path.exists(os.path.join(out, 'args.json')):
-            mismatch = config_mismatch(run_folders.load_run(out).args,
+            mismatch = config_mismatch(records.load_run(out).args,
                                        run_argv(row, seed, common, out))
             if mismatch:
                 say('%s: FAILED: %s holds a run with other arguments (%s); use another '
                     '--out, or delete that folder to rerun it' % (name, out, mismatch))
                 failed.append(name)
                 continue
-            run = run_folders.load_run(out)
+            run = records.load_run(out)
             if run.status in ('finished', 'diverged'):
                 say('%s: skipped, already %s (%s)' % (name, run.status, outcome(run)))
                 continue
@@ -398,13 +408,21 @@ def main(argv=None):
             print('%s: error: no run folders (with args.json) under %s'
                   % (parser.prog, args.root), file=sys.stderr)
             return EXIT_BAD_INPUT
-        for path in report.write_report(args.root):
+        paths, left_out = report.write_report(args.root)
+        for path in paths:
             print(path)
-        return 0
+        for folder, why in left_out:
+            print('%s: error: left out %s: %s; %s' % (parser.prog, folder, why, LEFT_OUT),
+                  file=sys.stderr)
+        return EXIT_FAILED if left_out else 0
 
+    def bad_train_arguments(message):
+        print('%s: error: train.py arguments after --: %s (train.py --help lists them)'
+              % (parser.prog, message), file=sys.stderr)
+        return EXIT_BAD_INPUT
     taken = [a for a in extra if a.split('=')[0] in RUNNER_OPTIONS]
     if taken:
-        parser.error('%s: the run command sets these itself' % ', '.join(taken))
+        return bad_train_arguments('%s: the run command sets these itself' % ', '.join(taken))
     common = []
     if args.dataset:
         common += ['--dataset', args.dataset]
@@ -412,9 +430,10 @@ def main(argv=None):
         common += ['--depth', str(args.depth)]
     common += extra
     try:  # check the train.py arguments now, not after hours of training
-        arguments.parse_args(run_argv(methods.TABLE1[0], 0, common, args.out), check_out=False)
+        arguments.parse_args(run_argv(methods.TABLE1[0], 0, common, args.out), check_out=False,
+                             raising=True)
     except run_folders.UsageError as e:
-        parser.error('train.py arguments: %s' % e)
+        return bad_train_arguments(e)
     if args.jobs is None and args.executor == 'local':
         args.jobs = len(args.gpus) if args.gpus else 1
     problem = placement.check(args, extra)

@@ -6,22 +6,25 @@ one entry per evaluation), snapshots of the trainer (``snapshot_iter_N``) and of
 predicting network (``model_iter_N.npz``, ``model.npz`` at the end), and
 ``result.json`` (status and final test errors), written last and atomically.
 """
+import errno
 import math
 import os
 import shlex
+import shutil
 import signal
 import sys
-import time
-import zlib
 
 import chainer
 import numpy
 from chainer.training import extensions
 
-from chainer_vfbn import (arguments, balance, config, data, methods, model, pipeline, runs,
-                          transport, updaters)
+from chainer_vfbn import (arguments, balance, config, data, machine, methods, model, pipeline,
+                          runs, transport, updaters)
 from chainer_vfbn.evaluation import PassProgress, TestErrorEvaluator, final_test_errors
 from chainer_vfbn.runs import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, UsageError
+from chainer_vfbn.trainer_extensions import (AlsoAtTheEnd, Interrupted, PlainOut, ProgressLines,
+                                             SeededShuffle, StopAt, StopOnSignal,
+                                             TestInterrupted)
 
 
 def resolve_device(args):
@@ -34,114 +37,14 @@ def set_threads(n):
     threadpoolctl.threadpool_limits(limits=n)
 
 
-class SeededShuffle(object):
-    """Order sampler whose next permutation is a function of the seed and of the
-    previous order, which the iterator's snapshot holds: a resumed run shuffles
-    exactly as the uninterrupted run would."""
-
-    def __init__(self, seed):
-        self.seed = seed
-
-    def __call__(self, current_order, current_position):
-        n = len(current_order)
-        key = [self.seed] if current_order is None or not hasattr(current_order, 'tobytes') \
-            else [self.seed, zlib.crc32(numpy.ascontiguousarray(current_order).tobytes())]
-        return numpy.random.default_rng(key).permutation(n)
-
-
 def seed_everything(seed, device):
     numpy.random.seed(seed)
     if device.xp is not numpy:
         device.xp.random.seed(seed)
 
 
-#: The signals that stop a run with a snapshot: Ctrl-C, SIGTERM (a scheduler's
-#: preemption) and SIGUSR1 (Slurm's warning before a job's time limit).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-
-
-class StopOnSignal(chainer.training.Extension):
-    """After the first of :data:`STOP_SIGNALS`, finish the current iteration, save a
-    trainer snapshot, and stop the run with :class:`Interrupted`. A second Ctrl-C
-    before the snapshot starts stops at once (:class:`Interrupted` with no snapshot);
-    a scheduler's SIGTERM or SIGUSR1 never does (Slurm may send both, to every
-    process of the job); while the snapshot is being written, signals are ignored."""
-
-    trigger = 1, 'iteration'
-    priority = chainer.training.PRIORITY_READER - 1  # after every other extension
-
-    def __init__(self, snapshot):
-        self.snapshot, self.signum, self.saving = snapshot, None, False
-
-    def initialize(self, trainer):
-        def handler(signum, frame):
-            if self.saving:
-                return
-            if self.signum is not None:  # a second Ctrl-C: stop now
-                if signum == signal.SIGINT:
-                    raise Interrupted(trainer.updater.iteration, None)
-                return
-            self.signum = signum
-        self._old = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
-
-    def __call__(self, trainer):
-        if self.signum is not None:
-            self.saving = True
-            self.snapshot(trainer)
-            raise Interrupted(trainer.updater.iteration,
-                              os.path.join(trainer.out, 'snapshot_iter_%d'
-                                           % trainer.updater.iteration))
-
-    def finalize(self):
-        for s, h in getattr(self, '_old', {}).items():
-            signal.signal(s, h)
-
-
-class Interrupted(Exception):
-    """The run stopped on a signal: ``(iteration, snapshot path or None)``."""
-
-
-class PlainOut(object):
-    """Standard output without the terminal codes PrintReport writes to clear a
-    progress bar: what a log file should hold."""
-
-    def write(self, text):
-        sys.stdout.write(text.replace('\033[J', ''))
-
-    def flush(self):
-        sys.stdout.flush()
-
-
-class ProgressLines(chainer.training.Extension):
-    """Without a terminal: one plain line every ``seconds`` (and after the first
-    iteration), with the iteration, the speed and the time left."""
-
-    trigger = 1, 'iteration'
-    priority = chainer.training.PRIORITY_READER
-
-    def __init__(self, seconds, stop_iteration):
-        self.seconds, self.stop_iteration = seconds, stop_iteration
-        self.last = None
-
-    def __call__(self, trainer):
-        now, it = time.time(), trainer.updater.iteration
-        if self.last is None:
-            self.last = (now, it)
-            self._say(it, None)
-        elif now - self.last[0] >= self.seconds:
-            per = (now - self.last[0]) / max(1, it - self.last[1])
-            self.last = (now, it)
-            self._say(it, per)
-
-    def _say(self, it, per):
-        total = self.stop_iteration
-        parts = ['iteration %d%s' % (it, '/%d (%.0f%%)' % (total, 100.0 * it / total)
-                                     if total else '')]
-        if per is not None:
-            parts.append('%.2f s/iteration' % per)
-            if total:
-                parts.append('%.0f min left' % ((total - it) * per / 60.0))
-        print('[progress] ' + ', '.join(parts), flush=True)
+class NoSpace(Exception):
+    """The disk of the run folder is full; the message says what did not fit."""
 
 
 def stop_iteration(args, n_examples):
@@ -283,13 +186,17 @@ def train_on(args, comm):
     except ValueError as e:
         raise UsageError(str(e))
     setup = methods.Setup(updater, networks.predictor, scheduled)
-    stop = (args.iterations, 'iteration') if args.iterations else (args.epoch, 'epoch')
+    stop = StopAt(*(
+        (args.iterations, 'iteration') if args.iterations else (args.epoch, 'epoch')))
     trainer = chainer.training.Trainer(setup.updater, stop, out=args.out)
 
     epoch_iters = -(-len(train_set) // args.batchsize)
-    eval_trigger = (args.eval_every, 'iteration') if args.eval_every else (1, 'epoch')
+    every = (args.eval_every, 'iteration') if args.eval_every else (1, 'epoch')
     if args.iterations and not args.eval_every:
-        eval_trigger = (min(args.iterations, epoch_iters), 'iteration')
+        every = (min(args.iterations, epoch_iters), 'iteration')
+
+    def eval_trigger():
+        return AlsoAtTheEnd(every, stop)
     snap_trigger = (args.snapshot_every, 'iteration') if args.snapshot_every else (1, 'epoch')
 
     lr_shifts = []
@@ -305,15 +212,20 @@ def train_on(args, comm):
     evaluator = TestErrorEvaluator(setup.predictor, test_x[:n_eval], test_y[:n_eval], device,
                                    args.eval_views, progress=test_progress)
     if comm is not None:  # rank 0's copy of the upper half, from rank 1
-        trainer.extend(pipeline.PullUpper(), trigger=eval_trigger)
-    trainer.extend(evaluator, trigger=eval_trigger)
-    snapshot = extensions.snapshot(filename='snapshot_iter_{.updater.iteration}', n_retains=2)
+        trainer.extend(pipeline.PullUpper(), trigger=eval_trigger())
+    trainer.extend(evaluator, trigger=eval_trigger())
+    # The predictor's snapshot first: the trainer's snapshot, taken after it, then
+    # holds its trigger's state of the same iteration (else a resumed run would save
+    # a model_iter_N at the next iteration).
+    trainer.extend(extensions.snapshot_object(
+        setup.predictor, 'model_iter_{.updater.iteration}.npz', n_retains=2,
+        writer=runs.AtomicWriter()), trigger=snap_trigger)
+    snapshot = extensions.snapshot(filename='snapshot_iter_{.updater.iteration}', n_retains=2,
+                                   writer=runs.AtomicWriter())
     trainer.extend(snapshot, trigger=snap_trigger)
-    trainer.extend(extensions.snapshot_object(setup.predictor, 'model_iter_{.updater.iteration}.npz',
-                                              n_retains=2), trigger=snap_trigger)
     lr_name = 'main' if args.method in ('bp', 'bottom') else 'lower'
-    trainer.extend(extensions.observe_lr(lr_name), trigger=eval_trigger)
-    trainer.extend(extensions.LogReport(trigger=eval_trigger))
+    trainer.extend(extensions.observe_lr(lr_name), trigger=eval_trigger())
+    trainer.extend(extensions.LogReport(trigger=eval_trigger()))
     keys = ['epoch', 'iteration', 'main/loss', 'main/accuracy']
     if args.method in methods.SYNTHESIZERS:
         keys += ['synth/loss', 'synth/cosine', 'synth/rel_error']
@@ -322,7 +234,7 @@ def train_on(args, comm):
     keys += ['validation/main/error', 'lr', 'elapsed_time']
     progress = sys.stdout.isatty() if args.progress is None else args.progress
     trainer.extend(extensions.PrintReport(keys, out=sys.stdout if progress else PlainOut()),
-                   trigger=eval_trigger)
+                   trigger=eval_trigger())
     if progress:
         trainer.extend(extensions.ProgressBar(update_interval=10))
     else:
@@ -332,9 +244,13 @@ def train_on(args, comm):
     if args.resume:
         try:
             chainer.serializers.load_npz(args.resume, trainer)
+        except (KeyError, ValueError) as e:
+            raise UsageError('--resume %s does not fit this run (%s: %s); the run\'s '
+                             'args.json does not describe the network the snapshot holds'
+                             % (args.resume, type(e).__name__, str(e).splitlines()[0]))
         except Exception as e:
-            raise UsageError('--resume %s does not fit this run (%s: %s); its args.json '
-                             'does not describe the network the snapshot holds'
+            raise UsageError('--resume %s cannot be read (%s: %s); the snapshot is damaged: '
+                             'resume from an earlier snapshot_iter_N'
                              % (args.resume, type(e).__name__, str(e).splitlines()[0]))
         # Chainer's Trainer skips an extension's initialize() once its trigger has
         # finished, which a ManualScheduleTrigger has after its last point: without
@@ -351,10 +267,28 @@ def train_on(args, comm):
     else:
         stale = runs.run_files(args.out)  # parse_args refused them without --overwrite
     runs.clear(p for p in stale if os.path.exists(p))
-    os.makedirs(args.out, exist_ok=True)
-    runs.write_json(os.path.join(args.out, 'args.json'),
-                    dict(vars(args), versions=runs.versions(), machine=runs.machine(device)))
+    created = not os.path.isdir(args.out)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        runs.write_json(os.path.join(args.out, 'args.json'),
+                        dict(vars(args), versions=machine.versions(),
+                             machine=machine.machine(device)))
+        return run_and_test(args, trainer, setup, snapshot, evaluator, comm, created,
+                            (test_x, test_y, n_eval, device, test_progress))
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise NoSpace('no space left on the device of %s (writing %s): a snapshot of this '
+                      'run needs about %.1f MB, %.1f MB are free'
+                      % (args.out, os.path.basename(e.filename or '') or 'a file',
+                         snapshot_bytes(args, setup) / 1e6,
+                         shutil.disk_usage(args.out).free / 1e6))
 
+
+def run_and_test(args, trainer, setup, snapshot, evaluator, comm, created, test):
+    """Train to the stopping point, save training's end, then the final test and
+    result.json (written last)."""
+    test_x, test_y, n_eval, device, test_progress = test
     result = {'method': args.method, 'alpha_gs': args.alpha_gs, 'dataset': args.dataset,
               'depth': args.depth, 'seed': args.seed}
     try:
@@ -365,16 +299,37 @@ def train_on(args, comm):
                       iteration=setup.updater.iteration + 1)
         runs.write_json(os.path.join(args.out, 'result.json'), result)
         raise
+    except MemoryError as e:
+        forgotten = not args.resume and runs.latest_snapshot(args.out) is None
+        if forgotten:  # a run that never started leaves nothing behind
+            runs.clear(runs.run_files(args.out))
+            if created and not os.listdir(args.out):
+                os.rmdir(args.out)
+        raise UsageError('out of memory at iteration %d (--batchsize %d, --depth %d): %s; '
+                         '%s' % (setup.updater.iteration + 1, args.batchsize, args.depth,
+                                 str(e).splitlines()[0] if str(e) else 'MemoryError',
+                                 'nothing was kept' if forgotten else
+                                 'the run can be resumed from its latest snapshot'))
     if comm is not None:
         setup.updater.pull_upper()
-    if args.tta_images is None and n_eval == len(test_x):
-        final = evaluator.final(trainer)
-    else:
-        tta = args.tta_images or (len(test_x) if args.eval_views == config.N_VIEWS else 0)
-        final = final_test_errors(setup.predictor, test_x, test_y, device, tta,
-                                  progress=test_progress)
-    snapshot(trainer)
-    chainer.serializers.save_npz(os.path.join(args.out, 'model.npz'), setup.predictor)
+    # Training's end is saved before the final test, which can take many minutes: a
+    # run stopped in the test is resumed at its end, and the resumed run only tests.
+    end = os.path.join(args.out, 'snapshot_iter_%d' % setup.updater.iteration)
+    if not os.path.isfile(end):
+        snapshot(trainer)
+    runs.save_npz(os.path.join(args.out, 'model.npz'), setup.predictor)
+    old_term = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        if args.tta_images is None and n_eval == len(test_x):
+            final = evaluator.final(trainer)
+        else:
+            tta = args.tta_images or (len(test_x) if args.eval_views == config.N_VIEWS else 0)
+            final = final_test_errors(setup.predictor, test_x, test_y, device, tta,
+                                      progress=test_progress)
+    except KeyboardInterrupt:
+        raise TestInterrupted(setup.updater.iteration, end)
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
     result.update(status='finished', iteration=setup.updater.iteration,
                   epoch=setup.updater.epoch_detail, seconds=trainer.elapsed_time,
                   test_error=final['error'], test_error_single=final['error_single'],
@@ -387,19 +342,89 @@ def train_on(args, comm):
     return result
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def snapshot_bytes(args, setup):
+    """About how many bytes one more snapshot takes: the latest trainer snapshot
+    and predictor beside it, or, before the first, the arrays of every network and
+    optimizer (uncompressed) and the predictor's."""
+    latest = runs.latest_snapshot(args.out)
+    if latest:
+        model = os.path.join(args.out, 'model_iter_%s.npz' % latest.rsplit('_', 1)[1])
+        return sum(os.path.getsize(p) for p in (latest, model) if os.path.isfile(p))
+    s = chainer.serializers.DictionarySerializer()
+    for name, optimizer in setup.updater.get_all_optimizers().items():
+        optimizer.target.serialize(s['model:' + name])
+        optimizer.serialize(s[name])
+    setup.predictor.serialize(s['predictor'])
+    return sum(numpy.asarray(v).nbytes for v in s.target.values())
+
+
+def mpi_world_size():
+    """The processes of the MPI job this process was started in; 1 outside one.
+    mpi4py starts MPI when imported, which a run outside ``mpiexec`` must not pay
+    for, so it is imported only inside a job (the launcher's variables say so)."""
+    if not any(os.environ.get(name) for name in ('PMI_RANK', 'OMPI_COMM_WORLD_RANK',
+                                                 'PMIX_RANK')):
+        return 1
+    try:
+        from mpi4py import MPI
+    except ImportError:  # no MPI here: the --pipeline run says so when it connects
+        return 1
+    return MPI.COMM_WORLD.Get_size()
+
+
+def check_launch(args, size):
+    """Refuse, at start, a job of ``size`` processes that does not fit the run."""
+    if not args.pipeline:
+        if size > 1:
+            raise UsageError('this is an mpiexec job of %d processes, but only --pipeline '
+                             'runs on several processes: add --pipeline, or run python '
+                             'train.py without mpiexec' % size)
+        return
+    if args.balance and args.splits is None:
+        if size < 2:
+            raise UsageError('--balance cuts the network into as many modules as there are '
+                             'MPI processes; launch it with: mpiexec -n K python train.py '
+                             '... --pipeline --balance, K >= 2 (got 1 process)')
+    elif size != modules(args):
+        raise UsageError('--pipeline runs the network\'s %d modules as %d MPI processes; '
+                         'launch it with: mpiexec -n %d python train.py ... --pipeline '
+                         '(got %d process%s)' % (modules(args), modules(args), modules(args),
+                                                 size, '' if size == 1 else 'es'))
+
+
+def resume_command(args):
+    command = [sys.executable, sys.argv[0], '--resume', args.out]
+    if args.pipeline:
+        command = transport.launcher(modules(args)) + command
+    return ' '.join(shlex.quote(a) for a in command)
+
+
 def main(argv=None):
-    """Command-line entry point: exit 0 on success; one clear line and a non-zero
-    status on bad input (2), divergence (3) or interruption (130)."""
+    """Command-line entry point: exit 0 on success (or nothing to do); one clear line
+    and a non-zero status on bad input (2), divergence (3), a full disk (1) or
+    interruption (130). In an mpiexec job, rank 0 alone reports a bad launch."""
     prog = os.path.basename(sys.argv[0])
-    # An mpiexec job's other ranks write nothing; rank 0 makes the run folder.
     rank = transport.launched_rank()
+    try:
+        # Every rank checks everything, --out included (rank 0 writes to it only
+        # after all have connected), so that all stop together on bad input.
+        args = arguments.parse_args(argv)
+        check_launch(args, mpi_world_size())
+    except UsageError as e:
+        if not rank:
+            print('%s: error: %s' % (prog, e), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except runs.NothingToDo as e:
+        if not rank:
+            print('%s: %s' % (prog, e), flush=True)
+        return 0
     if rank:
         prog = '%s (rank %d)' % (prog, rank)
     try:
-        args = arguments.parse_args(argv, check_out=rank == 0)
-        if rank and not args.pipeline:
-            raise UsageError('this is process %d of an mpiexec job, but only --pipeline '
-                             'runs on several processes' % rank)
         train(args)
     except (UsageError, data.DataError) as e:
         print('%s: error: %s' % (prog, e), file=sys.stderr)
@@ -407,13 +432,28 @@ def main(argv=None):
     except updaters.NonFiniteError as e:
         print('%s: error: %s (see result.json)' % (prog, e), file=sys.stderr)
         return EXIT_DIVERGED
+    except NoSpace as e:
+        latest = runs.latest_snapshot(args.out)
+        print('%s: error: %s; %s' % (prog, e, 'the latest whole snapshot is %s: free some '
+                                     'space, then continue with: %s'
+                                     % (latest, resume_command(args)) if latest else
+                                     'no snapshot was written yet: free some space, then '
+                                     'start again with --overwrite'), file=sys.stderr)
+        return 1
+    except MemoryError as e:
+        print('%s: error: out of memory: %s' % (prog, str(e).splitlines()[0] if str(e)
+                                                else 'MemoryError'), file=sys.stderr)
+        return EXIT_BAD_INPUT
     except transport.PipelineError as e:
         print('%s: error: %s' % (prog, e), file=sys.stderr, flush=True)
         transport.abort(1)
     except (Interrupted, KeyboardInterrupt) as e:
         iteration, snapshot = e.args if isinstance(e, Interrupted) else (None, None)
-        latest = runs.latest_snapshot(args.out) if 'args' in locals() else None
-        if snapshot:
+        latest = runs.latest_snapshot(args.out)
+        if isinstance(e, TestInterrupted):
+            said = ('interrupted in the final test; training\'s end (iteration %d) is saved '
+                    'in %s, and resuming it runs only the test' % (iteration, snapshot))
+        elif snapshot:
             said = 'interrupted at iteration %d; a snapshot was saved' % iteration
         elif latest:
             said = 'interrupted again before the snapshot; the latest snapshot is %s' % latest
@@ -421,10 +461,7 @@ def main(argv=None):
             print('%s: interrupted before the first snapshot; nothing to resume'
                   % prog, file=sys.stderr)
             return EXIT_INTERRUPTED
-        command = [sys.executable, sys.argv[0], '--resume', args.out]
-        if args.pipeline:
-            command = transport.launcher(modules(args)) + command
-        print('%s: %s: continue with: %s' % (prog, said, ' '.join(shlex.quote(a) for a in command)),
+        print('%s: %s: continue with: %s' % (prog, said, resume_command(args)),
               file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0

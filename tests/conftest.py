@@ -66,6 +66,28 @@ def run_main(name, *argv, cwd=REPO_ROOT):
     return subprocess.CompletedProcess([name] + argv, code or 0, out.getvalue(), err.getvalue())
 
 
+#: The tiny run of the command-line tests: depth 1 (8 layers), 40 training images (x36
+#: views), 8 test images, batches of 8; an option given again after it overrides it
+#: (argparse keeps the last).
+TINY = ['--depth', '1', '--train-images', '40', '--test-images', '8', '--batchsize', '8']
+
+
+@pytest.fixture(scope='session')
+def trained(tmp_path_factory, cifar_archive):
+    """``trained(*argv)`` -> ``(out folder, CompletedProcess)`` of ``train.py
+    TINY... ARGV`` on the fake CIFAR-10; each distinct argv is run once per session."""
+    cache = {}
+
+    def train(*argv):
+        argv = tuple(str(a) for a in argv)
+        if argv not in cache:
+            out = str(tmp_path_factory.mktemp('run'))
+            proc = run_main('train.py', *TINY, '--data-dir', cifar_archive, '--out', out, *argv)
+            cache[argv] = (out, proc)
+        return cache[argv]
+    return train
+
+
 # ---------------------------------------------------------------------------
 # Devices: a check function run on the CPU and, marked ``gpu``, on GPU 0 (skipped
 # without CuPy and a GPU; ``benchmarks/device_check`` is the GPU machine's check).

@@ -68,6 +68,15 @@ def test_stage_costs_times_every_part_of_a_small_network():
     # The units of a block after its first are alike and timed once; ResBlock-2's
     # and ResBlock-3's have the same weights' shapes but not the same maps (11x11,
     # 6x6), and are timed apart.
-    units = balance.stage_costs('jaderberg-linear', 3, 2)[1]
+    _, units, _, synth = balance.stage_costs('jaderberg-linear', 3, 2)
     assert units[1] == units[2] and units[4] == units[5] and units[7] == units[8]
     assert units[5] != units[8]
+    # The synthesizer at a cut is timed once per shape of h there, written out from
+    # the paper's network (stem 16 x 22 x 22, then 32 x 22 x 22, 64 x 11 x 11 and
+    # 64 x 6 x 6 after each unit of ResBlock-1, 2, 3): equal times exactly where the
+    # shapes are equal.
+    shapes = [(16, 22)] + [(32, 22)] * 3 + [(64, 11)] * 3 + [(64, 6)] * 3
+    assert len(synth) == len(shapes)
+    for a in range(len(shapes)):
+        for b in range(len(shapes)):
+            assert (synth[a] == synth[b]) == (shapes[a] == shapes[b]), (a, b)

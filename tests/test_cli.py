@@ -12,7 +12,7 @@ the contract of the command line (STYLE.md; SPEC section 4 on divergence):
   uninterrupted run;
 * bad input exits 2 with one line on stderr, divergence exits 3 and records it,
   Ctrl-C exits 130 after saving a snapshot that ``--resume`` continues;
-* ``evaluate.py`` reproduces ``result.json``'s test errors from the saved weights.
+* (``evaluate.py``'s tests, on the same runs, are in ``test_evaluate_cli.py``.)
 
 Finished runs are memoised per module (:func:`trained`), so a run that several tests
 need is trained once.
@@ -33,11 +33,9 @@ import numpy
 import pytest
 
 from chainer_vfbn import methods
-from conftest import run_main
+from conftest import TINY, run_main
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-#: The tiny run; an option given again after it overrides it (argparse keeps the last).
-TINY = ['--depth', '1', '--train-images', '40', '--test-images', '8', '--batchsize', '8']
 SYNTH_KEYS = ('synth/loss', 'synth/cosine', 'synth/rel_error', 'synth/norm_delta',
               'synth/norm_delta_hat')
 SCRIPT_TIMEOUT = 300  # seconds; a tiny run takes a few
@@ -71,22 +69,6 @@ def assert_one_error_line(proc, prog, code=2):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith('%s: error: ' % prog), lines
     return lines[0]
-
-
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory, cifar_archive):
-    """``trained(*argv)`` -> ``(out folder, CompletedProcess)`` of ``train.py
-    TINY... ARGV`` on the fake CIFAR-10; each distinct argv is run once per module."""
-    cache = {}
-
-    def train(*argv):
-        argv = tuple(str(a) for a in argv)
-        if argv not in cache:
-            out = str(tmp_path_factory.mktemp('run'))
-            proc = script('train.py', *TINY, '--data-dir', cifar_archive, '--out', out, *argv)
-            cache[argv] = (out, proc)
-        return cache[argv]
-    return train
 
 
 def short_run(row, iterations=3):
@@ -127,6 +109,32 @@ def test_table1_row_trains(trained, row):
         assert 0 <= entry['validation/main/error'] <= 1
     for name in ('model.npz', 'snapshot_iter_3', 'model_iter_3.npz'):
         assert os.path.isfile(os.path.join(out, name)), name
+    assert_every_parameter_learned(out, row)
+
+
+def assert_every_parameter_learned(out, row, iterations=3, lr=0.1, momentum=0.9, decay=1e-4):
+    """Every parameter of every trained network moved by more than its weight decay
+    alone would move it (MomentumSGD, from the initial weights the seed gives, rebuilt
+    here), so a gradient reached it; the synthesizer moved (Adam) unless alpha_gs = 0,
+    where it must be exactly as initialised."""
+    from chainer_vfbn import training
+    training.seed_everything(0, chainer.get_device('@numpy'))
+    initial = methods.build_networks(row.method, depth=1).trained
+    with numpy.load(os.path.join(out, 'snapshot_iter_3')) as f:
+        final = {k: f[k] for k in f.files}
+    for name, link in initial.items():
+        for path, param in link.namedparams():
+            key = 'updater/model:%s%s' % (name, path)
+            w0, w = param.array.astype(numpy.float64), final[key]
+            if name == 'synth':
+                moved = not numpy.array_equal(w, param.array)
+                assert moved == (row.alpha_gs != 0), key
+                continue
+            v, decayed = numpy.zeros_like(w0), w0.copy()
+            for _ in range(iterations):  # the trajectory of a zero gradient
+                v = momentum * v - lr * decay * decayed
+                decayed = decayed + v
+            assert not numpy.allclose(w, decayed, rtol=1e-5, atol=1e-12), key
 
 
 # ---------------------------------------------------------------------------
@@ -299,7 +307,10 @@ def test_resume_from_the_folder_alone_and_refuse_a_contradiction(trained, tmp_pa
         for name in a.files:
             numpy.testing.assert_array_equal(a[name], b[name], err_msg=name)
     run_args = read_json(str(run / 'args.json'))
-    assert run_args['iterations'] == 6 and len(run_args['parts']) == 1
+    assert run_args['iterations'] == 6
+    first, resumed = run_args['parts']  # each part, the first included
+    assert (first['resumed_from'], first['iterations']) == (None, 3)
+    assert (resumed['resumed_from'], resumed['iterations']) == (str(run / 'snapshot_iter_3'), 6)
     result = read_json(str(run / 'result.json'))
     assert result['seconds'] > read_json(os.path.join(half, 'result.json'))['seconds']
 
@@ -401,7 +412,7 @@ def test_ctrl_c_snapshots_and_resumes(tmp_path, cifar_archive):
 def test_a_second_signal_while_the_snapshot_is_written_is_ignored(tmp_path):
     """In process: the first SIGINT asks for a snapshot; one arriving while it is
     written changes nothing, and the run stops with that snapshot's path."""
-    from chainer_vfbn import training
+    from chainer_vfbn import trainer_extensions
 
     class Trainer(object):
         out = str(tmp_path)
@@ -413,137 +424,16 @@ def test_a_second_signal_while_the_snapshot_is_written_is_ignored(tmp_path):
     def snapshot(trainer):
         os.kill(os.getpid(), signal.SIGINT)  # handled at once, mid-snapshot
         written.append(trainer.updater.iteration)
-    stop = training.StopOnSignal(snapshot)
+    stop = trainer_extensions.StopOnSignal(snapshot)
     stop.initialize(Trainer)
     try:
         os.kill(os.getpid(), signal.SIGINT)
-        with pytest.raises(training.Interrupted) as e:
+        with pytest.raises(trainer_extensions.Interrupted) as e:
             stop(Trainer)
     finally:
         stop.finalize()
     assert written == [7]
     assert e.value.args == (7, os.path.join(str(tmp_path), 'snapshot_iter_7'))
-
-
-def test_lr_drops_threads_and_final_errors_on_two_test_sets(trained):
-    """--lr-drops 2 3: iteration i+1 uses the lr dropped after iteration i (the log
-    gives the lr each iteration used); --threads is recorded; the final 36-view error
-    is that of the first --tta-images test images and the centre-view error that of
-    all, each checked by evaluate.py through the plain whole-set evaluation."""
-    out, proc = trained('--synth', 'vfbn', '--iterations', 4, '--lr-drops', 2, 3,
-                        '--eval-every', 1, '--eval-views', 1, '--eval-images', 4,
-                        '--tta-images', 3, '--threads', 1)
-    assert proc.returncode == 0, proc.stderr
-    log = read_json(os.path.join(out, 'log'))
-    assert [e['lr'] for e in log] == pytest.approx([0.1, 0.1, 0.01, 0.001], rel=1e-12)
-    assert read_json(os.path.join(out, 'args.json'))['threads'] == 1
-    result = read_json(os.path.join(out, 'result.json'))
-    assert (result['eval_views'], result['tta_images'], result['test_images']) == (36, 3, 8)
-    tta = evaluate_json(out, '--test-images', 3, '--views', 36)
-    assert tta['test_error'] == result['test_error']
-    centre = evaluate_json(out, '--views', 1)
-    assert centre['test_images'] == 8
-    assert centre['test_error'] == result['test_error_single']
-    again = evaluate_json(out)  # the run's own settings: the same two numbers
-    assert (again['test_error'], again['test_error_single']) == \
-        (result['test_error'], result['test_error_single'])
-
-
-# ---------------------------------------------------------------------------
-# (f) evaluate.py reproduces result.json.
-
-def evaluate_json(*argv):
-    proc = script('evaluate.py', *argv, '--json', '-')
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
-@pytest.mark.parametrize('row', [table1_row('bp'), table1_row('bottom'),
-                                 table1_row('vfbn', 1e-3)], ids=row_id)
-def test_evaluate_matches_result_json(trained, row):
-    """The predictor's model.npz and the trainer snapshot of the same iteration give
-    result.json's errors exactly, for each snapshot layout (``model:main`` for bp
-    and bottom, ``model:lower`` + ``model:upper`` for the split methods)."""
-    out, proc = trained(*short_run(row))
-    assert proc.returncode == 0, proc.stderr
-    result = read_json(os.path.join(out, 'result.json'))
-    keys = ('test_error', 'test_error_single', 'eval_views', 'test_images', 'iteration')
-
-    from_model = evaluate_json(out)
-    assert from_model['weights_kind'] == 'predictor'
-    assert {k: from_model[k] for k in keys} == {k: result[k] for k in keys}
-
-    from_snapshot = evaluate_json(os.path.join(out, 'snapshot_iter_3'))
-    assert from_snapshot['weights_kind'] == 'trainer snapshot'
-    assert {k: from_snapshot[k] for k in keys} == {k: result[k] for k in keys}
-
-
-def test_evaluate_text_and_json_file(trained, tmp_path):
-    out, _ = trained(*short_run(table1_row('vfbn', 1e-3)))
-    result = read_json(os.path.join(out, 'result.json'))
-    target = tmp_path / 'eval.json'
-    proc = script('evaluate.py', out, '--json', target)
-    assert proc.returncode == 0, proc.stderr
-    assert 'test error %.2f%% (36-view), %.2f%% (single view)' % (
-        100 * result['test_error'], 100 * result['test_error_single']) in proc.stdout
-    written = read_json(str(target))
-    assert written['test_error'] == result['test_error']
-    assert sorted(os.listdir(tmp_path)) == ['eval.json']  # no temporary left behind
-
-
-def test_evaluate_single_view_from_extracted_folder(trained, cifar_folder):
-    """``--views 1`` evaluates the centre view alone, which is the view behind
-    result.json's single-view error; ``--data-dir`` reads the same test images from
-    the extracted folder."""
-    out, _ = trained(*short_run(table1_row('vfbn', 1e-3)))
-    result = read_json(os.path.join(out, 'result.json'))
-    single = evaluate_json(out, '--views', 1, '--data-dir', cifar_folder)
-    assert single['eval_views'] == 1
-    assert single['test_images'] == result['test_images']
-    assert single['test_error'] == single['test_error_single'] == result['test_error_single']
-
-
-def test_evaluate_mid_run_snapshot(trained):
-    """Iteration 3 of a 6-iteration run: ``--snapshot`` names a file in the run
-    folder; the trainer snapshot and the predictor saved beside it agree."""
-    out, proc = trained(*short_run(table1_row('vfbn', 1e-3), iterations=6))
-    assert proc.returncode == 0, proc.stderr
-    a = evaluate_json(out, '--snapshot', 'snapshot_iter_3')
-    b = evaluate_json(out, '--snapshot', 'model_iter_3.npz')
-    assert a['iteration'] == b['iteration'] == 3
-    for k in ('test_error', 'test_error_single'):
-        assert a[k] == b[k]
-
-
-@pytest.mark.parametrize('other', ['depth-2', 'bp-snapshot', 'bottom-model'])
-def test_evaluate_refuses_another_architecture(trained, tmp_path, other):
-    vfbn, _ = trained(*short_run(table1_row('vfbn', 1e-3)))
-    if other == 'depth-2':
-        run, proc = trained('--synth', 'vfbn', '--iterations', 1, '--depth', 2)
-        weights = os.path.join(run, 'model.npz')
-    elif other == 'bp-snapshot':
-        run, proc = trained(*short_run(table1_row('bp')))
-        weights = os.path.join(run, 'snapshot_iter_3')
-    else:
-        run, proc = trained(*short_run(table1_row('bottom')))
-        weights = os.path.join(run, 'model.npz')
-    assert proc.returncode == 0, proc.stderr
-    target = tmp_path / 'eval.json'
-    proc = script('evaluate.py', vfbn, '--snapshot', weights, '--json', target)
-    line = assert_one_error_line(proc, 'evaluate.py')
-    assert 'does not hold the network of this run' in line
-    assert not os.listdir(tmp_path)
-
-
-@pytest.mark.parametrize('case', ['missing', 'no-args-json'])
-def test_evaluate_bad_path(tmp_path, case):
-    path = tmp_path / 'nowhere'
-    if case == 'no-args-json':
-        path.mkdir()
-        (path / 'model.npz').write_bytes(b'')
-    proc = script('evaluate.py', path)
-    line = assert_one_error_line(proc, 'evaluate.py')
-    assert str(path) in line
 
 
 # ---------------------------------------------------------------------------

@@ -54,18 +54,39 @@ def assert_same_weights(a, b):
         numpy.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+#: What a --pipeline run's trainer snapshot holds beyond the one-process run's: the
+#: trigger of the pull of the upper half and the batches still waiting (none at lag 0).
+PIPELINE_ONLY = {'extension_triggers/PullUpper/previous_epoch_detail',
+                 'extension_triggers/PullUpper/previous_iteration', 'updater/pending'}
+
+
 @pytest.mark.parametrize('synth', ['vfbn', 'jaderberg-linear', 'jaderberg-resnet'])
 def test_lag_0_is_the_one_process_run_bit_for_bit(tmp_path, cifar_archive, synth):
+    """Every array of the final trainer snapshot (every network, the synthesizer
+    included; every optimizer's state, the synthesizer's Adam included; the
+    iterator, the scale s, the triggers) and every log entry, the wall times aside."""
     argv = TINY + ['--data-dir', cifar_archive, '--synth', synth, '--iterations', 4]
     one = run_main('train.py', *argv, '--out', tmp_path / 'one')
     assert one.returncode == 0, one.stderr
     two = mpiexec(*argv, '--out', tmp_path / 'two')
     assert two.returncode == 0, two.stderr
     assert_same_weights(weights(tmp_path / 'one'), weights(tmp_path / 'two'))
-    for a, b in zip(log(tmp_path / 'one'), log(tmp_path / 'two')):
-        assert b.pop('pipeline/lag') == 0
-        a.pop('elapsed_time'), b.pop('elapsed_time')
-        assert a == b
+    a, b = (dict(numpy.load(str(tmp_path / run / 'snapshot_iter_4'))) for run in ('one', 'two'))
+    assert set(b) - set(a) == PIPELINE_ONLY and b['updater/pending'] == 0
+    for prefix in ('updater/model:synth/', 'updater/optimizer:synth/', 'updater/model:upper/',
+                   'updater/optimizer:upper/', 'updater/model:lower/'):
+        assert any(k.startswith(prefix) for k in a), prefix
+    logs = [json.loads(str(s.pop('extensions/LogReport/_log'))) for s in (a, b)]
+    assert a.pop('_snapshot_elapsed_time') > 0 and b.pop('_snapshot_elapsed_time') > 0
+    assert_same_weights(a, {k: v for k, v in b.items() if k not in PIPELINE_ONLY})
+    logs.append(log(tmp_path / 'one'))
+    logs.append(log(tmp_path / 'two'))
+    for one_entries, two_entries in (logs[0:2], logs[2:4]):
+        assert len(one_entries) == 2
+        for x, y in zip(one_entries, two_entries, strict=True):
+            assert y.pop('pipeline/lag') == 0
+            x.pop('elapsed_time'), y.pop('elapsed_time')
+            assert x == y
     with open(tmp_path / 'two' / 'args.json') as f:
         assert json.load(f)['pipeline'] is True
 
@@ -146,7 +167,7 @@ def test_three_modules_at_lag_0_are_the_sequential_schedule_bit_for_bit(tmp_path
     import chainer
     import chainer.functions as F
     import threadpoolctl
-    from chainer_vfbn import arguments, data, methods, model, training
+    from chainer_vfbn import arguments, data, methods, model, trainer_extensions, training
 
     argv = TINY + ['--data-dir', cifar_archive, '--synth', synth, '--splits', 1, 2,
                    '--iterations', 3, '--eval-every', 3, '--snapshot-every', 3]
@@ -163,7 +184,7 @@ def test_three_modules_at_lag_0_are_the_sequential_schedule_bit_for_bit(tmp_path
         training.seed_everything(0, device)          # rank 0
         train_set, _ = training.load_data(args)
         batches = data.BatchIterator(train_set, 8, repeat=True,
-                                     order_sampler=training.SeededShuffle(0))
+                                     order_sampler=trainer_extensions.SeededShuffle(0))
         nets = methods.build_networks(synth, depth=1, split=1)
         lower, upper, synth0 = (nets.trained[k] for k in ('lower', 'upper', 'synth'))
         velocity = {}

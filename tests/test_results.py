@@ -21,8 +21,7 @@ import chainer_vfbn  # noqa: F401  (the NumPy-2 shim precedes `import chainer`)
 import numpy
 import pytest
 
-from chainer_vfbn import arguments, curves, methods, report, table
-from chainer_vfbn import runs as run_folders
+from chainer_vfbn import arguments, curves, machine, methods, records, report, table
 from conftest import run_main
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,7 +141,7 @@ def test_table_gives_each_configuration_its_own_line(runs, tmp_path):
 
 
 def test_table_refuses_a_folder_without_args(tmp_path):
-    with pytest.raises(run_folders.RunError, match='no args.json'):
+    with pytest.raises(records.RunError, match='no args.json'):
         report.results_table([str(tmp_path)])
 
 
@@ -226,20 +225,53 @@ def test_table_pairs_runs_by_seed(tmp_path):
 # ---------------------------------------------------------------------------
 # Figure 3.
 
-def test_plot_writes_png_and_pdf(runs, tmp_path):
+def curves_of(ax):
+    """``{legend label: (xs, ys)}`` of the labelled lines of an axes."""
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+            for line in ax.lines if not line.get_label().startswith('_')}
+
+
+def test_plot_draws_each_row_mean_over_seeds_and_writes_png_and_pdf(runs, tmp_path):
+    """Figure 3 draws, for each row run, the mean over seeds of its logged test
+    errors (%) at the epochs of its iterations, a diverged run's last point marked
+    with an x; the fidelity figure the logged cosines. Both are written as a PNG of
+    the figure's size at 150 dpi and a PDF page of it."""
+    from PIL import Image
+    loaded = [records.load_run(p) for p in runs.values()]
+    epochs = [25 * k * 32 / (1000 * 36.0) for k in (1, 2, 3, 4)]  # iteration x batch / set
+    lines = curves_of(curves.error_figure(loaded).axes[0])
+    assert sorted(lines) == ['BackProp (2 seeds, min-max band)', 'Bottom half with back prop',
+                             "Jaderberg's Linear - DIVERGED at iteration 60",
+                             'VFBN (alpha_gs = 1e-3)']
+    for label, errors in (('BackProp (2 seeds, min-max band)', [55.0, 32.5, 27.5, 22.5]),
+                          ('Bottom half with back prop', [50.0, 40.0, 30.0, 27.0]),
+                          ("Jaderberg's Linear - DIVERGED at iteration 60", [70.0, 60.0]),
+                          ('VFBN (alpha_gs = 1e-3)', [50.0, 30.0, 26.0, 21.0])):
+        xs, ys = lines[label]
+        assert xs == pytest.approx(epochs[:len(errors)]) and ys == pytest.approx(errors), label
+    crosses = [l for l in curves.error_figure(loaded).axes[0].lines if l.get_marker() == 'x']
+    assert [(list(l.get_xdata()), list(l.get_ydata())) for l in crosses] == \
+        [(pytest.approx([epochs[1]]), pytest.approx([60.0]))]
+    cosine = curves_of(curves.fidelity_figure(loaded).axes[0])
+    assert cosine['VFBN (alpha_gs = 1e-3)'] == (pytest.approx(epochs),
+                                                pytest.approx([0.1, 0.2, 0.3, 0.4]))
+    assert 'BackProp (2 seeds, min-max band)' not in cosine  # no synthetic gradient to compare
+
     prefix = str(tmp_path / 'figs' / 'fig3')
     assert curves.main(list(runs.values()) + ['--out', prefix]) == 0
     assert curves.main(list(runs.values()) + ['--out', prefix + 'x', '--x', 'examples']) == 0
-    for name in ('error', 'fidelity'):
-        with open('%s_%s.png' % (prefix, name), 'rb') as f:
-            assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+    for name, inches in (('error', (8.5, 5.5)), ('fidelity', (8.5, 7.5))):
+        with Image.open('%s_%s.png' % (prefix, name)) as png:
+            assert png.size == (round(150 * inches[0]), round(150 * inches[1]))
+            assert len(png.getcolors(1 << 20)) > 50  # drawn, not blank
         with open('%s_%s.pdf' % (prefix, name), 'rb') as f:
-            assert f.read(5) == b'%PDF-'
-        assert os.path.getsize('%s_%s.png' % (prefix, name)) > 10000
+            pdf = f.read()
+        assert pdf.startswith(b'%PDF-')
+        assert b'/MediaBox [ 0 0 %d %d ]' % (72 * inches[0], 72 * inches[1]) in pdf
 
 
 def test_plot_curves_groups_seeds_and_marks_divergence(runs):
-    loaded = [run_folders.load_run(p) for p in runs.values()]
+    loaded = [records.load_run(p) for p in runs.values()]
     groups = dict(curves.group_runs(loaded))
     assert list(groups) == ['BackProp', 'Bottom half with back prop', "Jaderberg's Linear",
                             'VFBN (alpha_gs = 1e-3)']
@@ -283,12 +315,20 @@ def test_run_jobs_in_parallel_with_their_share_of_threads(tmp_path, cifar_archiv
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert '2 at a time' in proc.stdout
     assert 'final test error' not in proc.stdout  # train.py's own output stays in its folder
-    share = max(1, arguments.default_threads() // 2)
+    # Both started before either ended: they ran at the same time.
+    steps = [l.split('] ', 1)[1] for l in proc.stdout.splitlines() if l.startswith('[table')]
+    said = [s.split(': ')[1].split(' ')[0] for s in steps if re.match(r'\d/2 seed 0 ', s)]
+    assert said[:2] == ['starting', 'starting'] and said[2:] == ['finished', 'finished'], steps
+    share = max(1, machine.usable_cpus() // 2)
+    rows = {r[0]: r for r in table_rows((root / 'table.md').read_text())}
     for name in ('bp', 'vfbn-1e-3'):
         folder = root / name / 'seed0'
         assert json.loads((folder / 'args.json').read_text())['threads'] == share
-        assert json.loads((folder / 'result.json').read_text())['status'] == 'finished'
+        result = json.loads((folder / 'result.json').read_text())
+        assert result['status'] == 'finished' and result['iteration'] == 2
         assert 'final test error' in (folder / 'train_output.txt').read_text()
+        # The table reports each run's own final error.
+        assert rows[row(name).label][2] == '%.2f (1 seed)' % (100 * result['test_error'])
 
 
 def test_run_is_resumable(tmp_path, cifar_archive):
@@ -357,4 +397,46 @@ def test_run_checks_train_arguments_first(tmp_path):
     for extra in (['--seed', '3'], ['--iterations', '0']):
         proc = run_table('run', '--out', tmp_path / 'root', '--', *extra)
         assert proc.returncode == 2
+        assert not (tmp_path / 'root').exists()
+
+
+# ---------------------------------------------------------------------------
+# A broken run folder never costs the table.
+
+def test_report_leaves_out_a_garbage_result_and_keeps_the_old_table(runs, tmp_path):
+    """One result.json is garbage: ``report`` names that folder in one line, exit 1,
+    and writes the table of the others with the folder marked as left out; the
+    table it replaces is only ever replaced whole."""
+    root = tmp_path
+    proc = run_table('report', root)
+    assert proc.returncode == 0, proc.stderr
+    old = (root / 'table.md').read_text()
+    assert '22.50 ± 3.54 (2 seeds)' in old  # BackProp, seeds 0 and 1
+    bad = runs['bp0']
+    with open(os.path.join(bad, 'result.json'), 'w') as f:
+        f.write('{"status": "fini')
+    proc = run_table('report', root)
+    assert proc.returncode == table.EXIT_FAILED, proc.stdout + proc.stderr
+    assert 'Traceback' not in proc.stderr
+    line, = proc.stderr.strip().splitlines()
+    assert line.startswith('python -m chainer_vfbn.table: error: left out %s: ' % bad), line
+    assert os.path.join(bad, 'result.json') + ' cannot be read' in line
+    md = (root / 'table.md').read_text()
+    rows = {r[0]: r for r in table_rows(md)}
+    assert rows['BackProp'][2] == '25.00 (1 seed)'  # seed 1 alone
+    assert rows['VFBN (alpha_gs = 1e-3)'][2] == '21.00 (1 seed)'
+    assert 'Left out, unreadable: %s (%s' % (bad, os.path.join(bad, 'result.json')) in md
+    assert not [n for n in os.listdir(str(root)) if n.endswith('.tmp')]
+
+
+def test_table_errors_about_train_arguments_point_to_train_help(tmp_path):
+    for extra, says in ((['--bogus'], 'unrecognized arguments: --bogus'),
+                        (['--lr', 'nan'], '--lr must be a finite number'),
+                        (['--seed', '3'], '--seed: the run command sets these itself')):
+        proc = run_table('run', '--out', tmp_path / 'root', '--', *extra)
+        assert proc.returncode == 2
+        line, = proc.stderr.strip().splitlines()
+        assert line.startswith('python -m chainer_vfbn.table: error: train.py arguments '
+                               'after --: '), line
+        assert says in line and line.endswith('(train.py --help lists them)'), line
         assert not (tmp_path / 'root').exists()

@@ -20,7 +20,7 @@ import time
 import chainer
 import pytest
 
-from chainer_vfbn import table
+from chainer_vfbn import table, trainer_extensions
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--train-images', '16', '--test-images', '4', '--batchsize', '4']
@@ -200,20 +200,19 @@ def test_a_schedulers_second_signal_still_gets_the_snapshot(tmp_path, first, sec
     """In process: Slurm sends SIGTERM to every process of a job, and the job's Python
     passes it (or SIGUSR1) on to train.py too; a second such signal must not cost the
     snapshot. A second Ctrl-C still stops at once, without one."""
-    from chainer_vfbn import training
     FakeTrainer.out = str(tmp_path)
     written = []
-    stop = training.StopOnSignal(lambda trainer: written.append(trainer.updater.iteration))
+    stop = trainer_extensions.StopOnSignal(lambda trainer: written.append(trainer.updater.iteration))
     stop.initialize(FakeTrainer)
     try:
         os.kill(os.getpid(), first)  # each handled at once, in this thread
         if second == signal.SIGINT:
-            with pytest.raises(training.Interrupted) as e:
+            with pytest.raises(trainer_extensions.Interrupted) as e:
                 os.kill(os.getpid(), second)
             assert e.value.args == (7, None) and written == []
             return
         os.kill(os.getpid(), second)
-        with pytest.raises(training.Interrupted) as e:
+        with pytest.raises(trainer_extensions.Interrupted) as e:
             stop(FakeTrainer)
     finally:
         stop.finalize()

@@ -249,9 +249,11 @@ def decouple_example():
 @pytest.mark.parametrize('synth', [EXAMPLE_SYNTH,
                                    'synth = synthesizers.JaderbergLinearVector(256)',
                                    'synth = synthesizers.JaderbergMLP(256, hidden=128)'])
-def test_decouple_example_runs_as_printed_for_each_synthesizer_kind(synth):
+def test_decouple_example_runs_as_printed_for_each_synthesizer_kind(synth, tmp_path,
+                                                                   monkeypatch):
     """The example's text, run as is (and with the synthesizer line swapped for each
     Jaderberg kind): the decoupled MLP learns, and its lower half moves."""
+    monkeypatch.chdir(tmp_path)  # it writes its log into the working folder
     code = decouple_example()
     assert EXAMPLE_SYNTH in code
     scope = {}
