@@ -129,7 +129,8 @@ def bn_add_relu(x, gamma, beta, running, s):
     """``relu(bn(x) + s)`` with batch statistics: ``(y, mean, inv_std)``."""
     if _is_cpu(x):
         mean, inv_std = _bn_stats_cpu(x, gamma, running)
-        a = _bn_cpu(x, gamma, beta, mean, inv_std) + s
+        b = _bn_cpu(x, gamma, beta, mean, inv_std)
+        a = b + s   # not into b in place (NumPy does that to a nameless temporary)
         return numpy.maximum(a, 0, dtype=a.dtype), mean, inv_std
     mean, inv_std = _bn_stats_gpu(x, running)
     y = cuda.elementwise(
