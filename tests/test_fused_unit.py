@@ -80,7 +80,7 @@ def link_state(link):
     (4, 6, 1, 3, 5),        # channels grow: zero channels
     (4, 6, 2, 3, 6),        # stride 2 and growth (ResBlock-2's first unit)
     (5, 5, 2, 4, 7),        # stride 2, same channels (ResBlock-3's first unit), odd size
-    (8, 16, 2, 4, 32),      # maps over 256 KiB, where NumPy reuses temporaries
+    (16, 32, 2, 4, 34),     # maps over 256 KiB, where NumPy reuses temporaries
 ])
 def test_fused_unit_is_bit_identical_to_the_composed_unit(c_in, c_out, stride, batch, size):
     rng = numpy.random.RandomState(c_in + c_out + stride + size)
@@ -174,10 +174,11 @@ def batch_iterator(seed=0, batchsize=8):
     return data.BatchIterator(ds, batchsize, shuffle=False)
 
 
-def trained_state(method, fused, steps=3):
+def trained_state(method, fused, steps=2):
     """Everything an updater snapshot holds (every network, every optimizer's state,
-    the iterator) after ``steps`` updates of ``method`` at depth 1, float64; and the
-    units that ran fused in the last update."""
+    the iterator) after ``steps`` updates of ``method`` at depth 1, float64 (the
+    second update uses the momenta and Adam's moments); and the units that ran fused
+    in the last update. The first unit's maps exceed 256 KiB."""
     numpy.random.seed(0)
     with chainer.using_config('dtype', F64):
         networks = methods.build_networks(method, depth=1)
