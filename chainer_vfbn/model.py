@@ -52,8 +52,8 @@ class ResidualUnit(chainer.Chain):
             self.bn2 = L.BatchNormalization(out_ch)
 
     def forward(self, x):
-        if fused_unit.applies():   # the same numbers in 2 applications, not 16:
-            return fused_unit.residual_unit(self, x)   # tests/test_fused_unit.py
+        if fused_unit.applies():   # training: the same numbers, in 2 applications
+            return fused_unit.residual_unit(self, x)   # (tests/test_fused_unit.py)
         h = F.relu(self.bn1(self.conv1(x)))
         h = self.bn2(self.conv2(h))
         return F.relu(h + shortcut(x, self.out_ch, self.stride))

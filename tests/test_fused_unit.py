@@ -37,10 +37,10 @@ class Applications(chainer.FunctionHook):
         self.labels.append(function.label)
 
 
-def make_unit(c_in, c_out, stride, rng):
-    """A unit in float64 whose BNs are non-trivial: gamma, beta and the running
-    statistics random."""
-    with chainer.using_config('dtype', F64):
+def make_unit(c_in, c_out, stride, rng, dtype=F64):
+    """A unit (float64 unless told) whose BNs are non-trivial: gamma, beta and the
+    running statistics random."""
+    with chainer.using_config('dtype', dtype):
         unit = model.ResidualUnit(c_in, c_out, stride)
     for bn in (unit.bn1, unit.bn2):
         bn.gamma.array[:] = 1 + 0.3 * rng.randn(c_out)
@@ -50,11 +50,15 @@ def make_unit(c_in, c_out, stride, rng):
     return unit
 
 
-def forward_backward(unit, x, gy, fused):
-    """Train-mode forward and backward of a copy of ``unit``: its output, input
-    gradient, parameter gradients, running statistics, and the applications made."""
+def forward_backward(unit, x, gy, fused, device=None):
+    """Train-mode forward and backward of a copy of ``unit`` (on ``device``): its
+    output, input gradient, parameter gradients, running statistics, and the
+    applications made."""
     unit = copy.deepcopy(unit)
     unit.cleargrads()
+    if device is not None:
+        unit.to_device(device)
+        x, gy = device.send(x), device.send(gy)
     x = chainer.Variable(x.copy())
     hook = Applications()
     with chainer.using_config('train', True), \
@@ -106,6 +110,30 @@ def test_fused_unit_is_bit_identical_to_the_composed_unit(c_in, c_out, stride, b
     # The running statistics moved, and the ReLUs cut: nothing here is trivial.
     assert not numpy.array_equal(composed['bn2/avg_var'], unit.bn2.avg_var)
     assert 0 < (composed['y'] == 0).mean() < 1
+
+
+@pytest.mark.parametrize('c_in, c_out, stride', [(4, 4, 1), (4, 6, 2)])
+def test_fused_unit_in_float32_on_each_device(c_in, c_out, stride, device):
+    """float32, the training dtype, on the CPU (bit for bit) and on a GPU, where the
+    fused kernels (chainer_vfbn.fused.kernels) replace Chainer's: one float32
+    rounding apart at most, times the sums' lengths."""
+    rng = numpy.random.RandomState(30 + stride)
+    unit = make_unit(c_in, c_out, stride, rng, numpy.float32)
+    x = rng.randn(4, c_in, 8, 8).astype(numpy.float32)
+    gy = rng.randn(4, c_out, 8 // stride, 8 // stride).astype(numpy.float32)
+    composed, _ = forward_backward(unit, x, gy, fused=False, device=device)
+    fused, labels = forward_backward(unit, x, gy, fused=True, device=device)
+    assert labels == ['FusedResidualUnit', 'FusedResidualUnitGrad']
+    assert sorted(fused) == sorted(composed)
+    for name in composed:
+        want, got = (chainer.backend.CpuDevice().send(a[name]) for a in (composed, fused))
+        assert got.dtype == want.dtype, name
+        assert want.dtype == numpy.float32 or name.endswith('/N'), name
+        if device.xp is numpy:
+            numpy.testing.assert_array_equal(got, want, err_msg=name)
+        else:
+            numpy.testing.assert_allclose(got, want, rtol=1e-4,
+                                          atol=1e-5 * float(abs(want).max()), err_msg=name)
 
 
 @pytest.mark.parametrize('c_in, c_out, stride', [(3, 3, 1), (3, 4, 2)])
