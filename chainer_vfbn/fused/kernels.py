@@ -8,7 +8,10 @@ weight gradient ``Convolution2DGradW``'s; batch normalisation is
 ``GeneralBatchNormalizationImpl`` (batch statistics, running mean and variance
 updated in place with the unbiased variance); ReLU is ``ReLU`` and ``ReLUGrad2``;
 the shortcut is ``AveragePooling2D``, ``Concat``, the grad ``Add`` and their
-gradients.
+gradients. "The same layout" is part of the contract: NumPy's reductions and BLAS
+sum in an order that follows the memory layout, and NumPy computes ``a + b`` into
+``a`` when ``a`` is a nameless temporary of 256 KiB or more, so an expression is
+written here with the same named operands as Chainer's.
 
 On a GPU the convolutions run Chainer's cuDNN-free CuPy code (im2col, tensordot,
 col2im), and each elementwise chain is ONE CuPy kernel: BN's normalise-scale-shift

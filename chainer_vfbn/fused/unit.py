@@ -9,11 +9,10 @@
 with BN over the batch and the positions (training mode: batch statistics, the
 running mean and variance updated as ``L.BatchNormalization`` does, same decay and
 eps, variance unbiased by m / (m - 1)). Composed from Chainer's links that is 7
-function applications forward (two convolutions, two BNs, two ReLUs, the add; the
-shortcut's pooling and concatenation where the unit subsamples or grows) and 9
-backward (their gradient functions and the add of x's two gradients), each one paid
-in Python on the host; a GPU step of this package is bound by that host cost
-(docs/GPU.md).
+function applications forward (two convolutions, two BNs, two ReLUs, the add) and 9
+backward (their gradient functions and the add of x's two gradients), one or two
+more each where the shortcut subsamples or grows, each one paid in Python on the
+host; a GPU step of this package is bound by that host cost (docs/GPU.md).
 
 :class:`FusedResidualUnit` computes the same ``y`` as ONE application, and its
 :class:`FusedResidualUnitGrad` every gradient (``dL/dx``, ``dL/dW_1``,
@@ -21,7 +20,9 @@ in Python on the host; a GPU step of this package is bound by that host cost
 work is Chainer's own, in :mod:`chainer_vfbn.fused.kernels`: on the CPU the fused
 unit is bit-identical to the composed one, output, running statistics and every
 gradient (``tests/test_fused_unit.py``); on a GPU its elementwise chains are single
-CuPy kernels.
+CuPy kernels: by reading the code, a unit launches about 37 kernels where the
+composed one (without cuDNN) launches about 53; the normalisations, ReLUs, adds and
+masks go from 32 kernels to 15, the convolutions' ~21 stay as they are.
 
 The network's units are never differentiated twice (a synthesizer sees a detached
 ``h``), so the fused unit has a first derivative only; a second derivative asked
