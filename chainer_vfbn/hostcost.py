@@ -64,6 +64,7 @@ VARIANTS = collections.OrderedDict([
     ('units only', dict(_OFF, vfbn_fused_units=True, type_check=True)),
     ('bn double backward only', dict(_OFF, vfbn_fused_bn_double_backward=True,
                                      type_check=True)),
+    ('v_f only', dict(_OFF, vfbn_fused_v_f=True, type_check=True)),
     ('adam only', dict(_OFF, vfbn_fused_adam=True, type_check=True)),
     ('no type check only', dict(_OFF, type_check=False)),
 ])

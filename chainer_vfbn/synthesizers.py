@@ -227,10 +227,13 @@ def cross_entropy(logits, y):
 
 def loss_gradient(v_f, h, y):
     """``d CE(y, v_f(h)) / d h`` (eq. 6) for a batch-mean cross-entropy, as a
-    Variable whose graph reaches ``v_f``'s parameters (double backprop)."""
+    Variable whose graph reaches ``v_f``'s parameters (double backprop). ``v_f``'s
+    residual units run composed: the fused unit has no second derivative."""
     if not isinstance(h, chainer.Variable) or not h.requires_grad:
         h = chainer.Variable(h.array if isinstance(h, chainer.Variable) else h)
-    loss = cross_entropy(v_f(h), y)
+    with chainer.using_config('vfbn_fused_units', False):   # twice differentiable
+        logits = v_f(h)
+    loss = cross_entropy(logits, y)
     delta_hat, = chainer.grad([loss], [h], enable_double_backprop=True)
     return delta_hat
 

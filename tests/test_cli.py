@@ -167,6 +167,53 @@ def test_resume_is_exact(trained, tmp_path, cifar_archive, method, alpha_gs):
         read_json(os.path.join(resumed, 'result.json'))['test_error']
 
 
+
+class FusedUnits(chainer.FunctionHook):
+    """Counts the applications of the fused residual unit (chainer_vfbn.fused.unit)."""
+
+    name = 'FusedUnits'
+    count = 0
+
+    def forward_preprocess(self, function, in_data):
+        self.count += function.label == 'FusedResidualUnit'
+
+
+def test_resume_across_the_fused_unit_is_exact(trained, tmp_path, cifar_archive):
+    """A snapshot taken with the composed residual units (``vfbn_fused_units`` off)
+    resumes with the fused ones, the default, and the run ends as the uninterrupted
+    fused run: every array of its last snapshot (networks, optimizers, iterator, the
+    running RMS s) and its log, entry for entry, but the elapsed time."""
+    argv = short_run(table1_row('vfbn', 1e-3), iterations=6) + ['--eval-every', 3]
+    full, proc = trained(*argv)
+    assert proc.returncode == 0, proc.stderr
+    part, fused = str(tmp_path / 'part'), FusedUnits()
+    with chainer.using_config('vfbn_fused_units', False), fused:
+        proc = script('train.py', *TINY, '--data-dir', cifar_archive, '--out', part,
+                      *argv, '--iterations', 3)
+    assert proc.returncode == 0, proc.stderr
+    assert fused.count == 0
+    with fused:
+        proc = script('train.py', '--resume', part, '--iterations', 6)
+    assert proc.returncode == 0, proc.stderr
+    assert fused.count >= 3 * 3          # 3 updates of the network's 3 units
+
+    def timeless(log):
+        return [{k: v for k, v in entry.items() if k != 'elapsed_time'} for entry in log]
+
+    with numpy.load(os.path.join(full, 'snapshot_iter_6')) as a, \
+            numpy.load(os.path.join(part, 'snapshot_iter_6')) as b:
+        assert sorted(a.files) == sorted(b.files)
+        assert any('optimizer:synth' in name for name in a.files)
+        for name in a.files:
+            if name.endswith('LogReport/_log'):
+                want, got = (timeless(json.loads(str(f[name]))) for f in (a, b))
+                assert len(want) == 2 and got == want
+            elif name != '_snapshot_elapsed_time':
+                numpy.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    want, got = (timeless(read_json(os.path.join(run, 'log'))) for run in (full, part))
+    assert [entry['iteration'] for entry in want] == [3, 6] and got == want
+
+
 def test_resume_after_the_last_lr_drop_goes_on_at_the_dropped_rate(tmp_path, cifar_archive):
     """--lr-drops 1 2: a run stopped at 2 (after the last drop) and resumed to 4 ends
     as the uninterrupted run, at lr 0.001 (Chainer skips the lr extension's

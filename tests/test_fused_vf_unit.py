@@ -57,7 +57,9 @@ def run(u, x, gy, weights, fused):
     derivatives of ``sum(weights . first)`` w.r.t. x, the parameters and gy."""
     u = copy.deepcopy(u)
     x, gy = chainer.Variable(x), chainer.Variable(gy)
-    with chainer.using_config('train', True):
+    # The composed reference: model.ResidualUnit with its own single-derivative twin
+    # (chainer_vfbn.fused.unit) off.
+    with chainer.using_config('train', True), chainer.using_config('vfbn_fused_units', False):
         y = vf_unit.residual_unit(u, x) if fused else u(x)
         first = chainer.grad([y], [x] + params(u), [gy], enable_double_backprop=True)
         terms = [F.sum(w * g) for w, g in zip(weights, first) if w is not None]

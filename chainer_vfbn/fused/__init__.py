@@ -7,7 +7,9 @@ kernel launches); the composed definition stays the reference, and a test holds
 each twin equal to it:
 
 - :mod:`chainer_vfbn.fused.unit`: the network's residual unit
-  (:class:`chainer_vfbn.model.ResidualUnit`) as one node forward, one backward.
+  (:class:`chainer_vfbn.model.ResidualUnit`) as one node forward, one backward;
+  its array work, Chainer's own on the CPU and fused CuPy kernels on a GPU, in
+  :mod:`chainer_vfbn.fused.kernels`.
 - :mod:`chainer_vfbn.fused.batchnorm`: batch normalisation whose double backward
   is one node (the BN links of every composed residual unit; v_f under eq. 3 when
   its units are composed).

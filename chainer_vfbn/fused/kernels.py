@@ -1,0 +1,215 @@
+"""The array work of the fused residual unit (:mod:`chainer_vfbn.fused.unit`).
+
+On the CPU each function is Chainer 7.8.1's own NumPy code, operation for operation
+and on arrays of the same memory layout, so that the fused unit is bit-identical to
+the composed links (tested): the convolution is ``Convolution2DFunction``'s im2col +
+tensordot, its input gradient ``Deconvolution2DFunction``'s tensordot + col2im, its
+weight gradient ``Convolution2DGradW``'s; batch normalisation is
+``GeneralBatchNormalizationImpl`` (batch statistics, running mean and variance
+updated in place with the unbiased variance); ReLU is ``ReLU`` and ``ReLUGrad2``;
+the shortcut is ``AveragePooling2D``, ``Concat``, the grad ``Add`` and their
+gradients. "The same layout" is part of the contract: NumPy's reductions and BLAS
+sum in an order that follows the memory layout, and NumPy computes ``a + b`` into
+``a`` when ``a`` is a nameless temporary of 256 KiB or more, so an expression is
+written here with the same named operands as Chainer's.
+
+On a GPU the convolutions run Chainer's cuDNN-free CuPy code (im2col, tensordot,
+col2im), and each elementwise chain is ONE CuPy kernel: BN's normalise-scale-shift
+with the ReLU; with the shortcut add as well; the backward's ReLU mask inside BN's
+gradient sums and its input gradient; the shortcut's masked gradient added in place.
+"""
+import numpy
+
+from chainer.backends import cuda
+from chainer.utils import conv
+
+#: Broadcasts a per-channel vector (C,) against maps (N, C, H, W).
+_E = (None, slice(None), None, None)
+_AXIS = (0, 2, 3)       # BN's statistics: over the batch and the positions
+
+
+def _is_cpu(a):
+    return isinstance(a, numpy.ndarray)
+
+
+# ---------------------------------------------------------------------------
+# Convolution 3x3, padding 1, no bias.
+
+def conv3x3(x, W, stride):
+    """``conv(x, W)``, as ``Convolution2DFunction._forward_{cpu,gpu}_core``."""
+    xp, im2col = (numpy, conv.im2col_cpu) if _is_cpu(x) else (cuda.cupy, conv.im2col_gpu)
+    col = im2col(x, 3, 3, stride, stride, 1, 1)
+    y = xp.tensordot(col, W, ((1, 2, 3), (1, 2, 3))).astype(x.dtype, copy=False)
+    return xp.rollaxis(y, 3, 1)
+
+
+def conv3x3_grad_x(gy, W, stride, size):
+    """d conv / d x applied to ``gy``: ``Deconvolution2DFunction``'s core with
+    ``outsize=size``."""
+    xp, col2im = (numpy, conv.col2im_cpu) if _is_cpu(gy) else (cuda.cupy, conv.col2im_gpu)
+    gcol = xp.tensordot(W, gy, (0, 1)).astype(gy.dtype, copy=False)
+    gcol = xp.rollaxis(gcol, 3)
+    return col2im(gcol, stride, stride, 1, 1, size[0], size[1])
+
+
+def conv3x3_grad_W(x, gy, W, stride):
+    """d conv / d W applied to ``gy``: ``Convolution2DGradW``'s core."""
+    if _is_cpu(x):
+        xp, im2col = numpy, conv.im2col_cpu
+        if not (gy.flags.c_contiguous or gy.flags.f_contiguous) and 1 in gy.shape:
+            gy = numpy.ascontiguousarray(gy)      # as Chainer (its issue 2744)
+    else:
+        xp, im2col = cuda.cupy, conv.im2col_gpu
+    col = im2col(x, 3, 3, stride, stride, 1, 1)
+    return xp.tensordot(gy, col, ((0, 2, 3), (0, 4, 5))).astype(W.dtype, copy=False)
+
+
+# ---------------------------------------------------------------------------
+# Batch normalisation with batch statistics, and what follows it.
+
+def _bn_stats_cpu(x, gamma, running):
+    """Batch mean, variance and 1 / sqrt(var + eps); the running statistics updated
+    (``GeneralBatchNormalizationImpl.forward``)."""
+    running_mean, running_var, decay, eps = running
+    interm = numpy.promote_types(x.dtype, gamma.dtype)
+    mean = x.mean(axis=_AXIS, dtype=interm)
+    var = x.var(axis=_AXIS, dtype=interm)
+    inv_std = numpy.reciprocal(numpy.sqrt(var + eps, dtype=interm))
+    m = x.size // gamma.size
+    adjust = m / max(m - 1., 1.)                # unbiased estimation
+    running_mean *= decay
+    running_mean += (1 - decay) * mean
+    running_var *= decay
+    running_var += (1 - decay) * adjust * var
+    return mean, inv_std
+
+
+def _bn_cpu(x, gamma, beta, mean, inv_std):
+    interm = numpy.promote_types(x.dtype, gamma.dtype)
+    x_hat = x - mean[_E]
+    x_hat *= inv_std[_E]
+    y = x_hat * gamma[_E].astype(interm, copy=False)
+    y += beta[_E].astype(interm, copy=False)
+    return y.astype(x.dtype)
+
+
+def _bn_stats_gpu(x, running):
+    running_mean, running_var, decay, eps = running
+    m = x.size // x.shape[1]
+    inv_m = x.dtype.type(1. / m)
+    mean = cuda.reduce(
+        'T x, T inv_m', 'T mean', 'x', 'a + b', 'mean = a * inv_m', '0',
+        'vfbn_unit_bn_mean')(x, inv_m, axis=_AXIS)
+    var = cuda.reduce(
+        'T x, T mean, T inv_m', 'T var', '(x - mean) * (x - mean)', 'a + b',
+        'var = a * inv_m', '0', 'vfbn_unit_bn_var')(x, mean[_E], inv_m, axis=_AXIS)
+    inv_std = cuda.cupy.empty_like(var)
+    cuda.elementwise(
+        'T mean, T var, T eps, T decay, T adjust', 'T inv_std, T r_mean, T r_var',
+        '''inv_std = rsqrt(var + eps);
+           r_mean = r_mean * decay + mean * (1 - decay);
+           r_var = r_var * decay + var * (1 - decay) * adjust;''',
+        'vfbn_unit_bn_running')(mean, var, eps, decay, m / max(m - 1., 1.),
+                                inv_std, running_mean, running_var)
+    return mean, inv_std
+
+
+def bn_relu(x, gamma, beta, running):
+    """``relu(bn(x))`` with batch statistics: ``(y, mean, inv_std)``."""
+    if _is_cpu(x):
+        mean, inv_std = _bn_stats_cpu(x, gamma, running)
+        b = _bn_cpu(x, gamma, beta, mean, inv_std)
+        return numpy.maximum(b, 0, dtype=b.dtype), mean, inv_std
+    mean, inv_std = _bn_stats_gpu(x, running)
+    y = cuda.elementwise(
+        'T x, T mean, T inv_std, T gamma, T beta', 'T y',
+        'T v = gamma * (x - mean) * inv_std + beta; y = v < (T)0 ? (T)0 : v;',
+        'vfbn_unit_bn_relu')(x, mean[_E], inv_std[_E], gamma[_E], beta[_E])
+    return y, mean, inv_std
+
+
+def bn_add_relu(x, gamma, beta, running, s):
+    """``relu(bn(x) + s)`` with batch statistics: ``(y, mean, inv_std)``."""
+    if _is_cpu(x):
+        mean, inv_std = _bn_stats_cpu(x, gamma, running)
+        b = _bn_cpu(x, gamma, beta, mean, inv_std)
+        a = b + s   # not into b in place (NumPy does that to a nameless temporary)
+        return numpy.maximum(a, 0, dtype=a.dtype), mean, inv_std
+    mean, inv_std = _bn_stats_gpu(x, running)
+    y = cuda.elementwise(
+        'T x, T mean, T inv_std, T gamma, T beta, T s', 'T y',
+        'T v = gamma * (x - mean) * inv_std + beta + s; y = v < (T)0 ? (T)0 : v;',
+        'vfbn_unit_bn_add_relu')(x, mean[_E], inv_std[_E], gamma[_E], beta[_E], s)
+    return y, mean, inv_std
+
+
+def relu_bn_grad(gy, y, x, gamma, mean, inv_std):
+    """The gradient through ``y = relu(bn(x) ...)`` to bn's input, gamma and beta:
+    ``(g, gx, ggamma, gbeta)``, ``g = gy * (y > 0)`` being the gradient after the
+    ReLU (None on a GPU, where it lives only inside the kernels)."""
+    if _is_cpu(gy):
+        g = gy * (y > 0)                                        # ReLUGrad2
+        g = g if g.dtype == gy.dtype else g.astype(gy.dtype)
+        x_hat = x - mean[_E]
+        x_hat *= inv_std[_E]
+        gbeta = g.sum(axis=_AXIS, dtype=gamma.dtype)
+        ggamma = (g * x_hat).sum(axis=_AXIS, dtype=gamma.dtype)
+        inv_m = gamma.dtype.type(1. / (x.size // gamma.size))
+        gx = (gamma * inv_std)[_E] * (g - (x_hat * ggamma[_E] + gbeta[_E]) * inv_m)
+        return g, gx.astype(x.dtype, copy=False), ggamma, gbeta
+    args = (gy, y, x, mean[_E], inv_std[_E])
+    gbeta = cuda.reduce(
+        'T gy, T y, T x, T mean, T inv_std', 'T gbeta', 'y > 0 ? gy : (T)0',
+        'a + b', 'gbeta = a', '0', 'vfbn_unit_relu_bn_gbeta')(*args, axis=_AXIS)
+    ggamma = cuda.reduce(
+        'T gy, T y, T x, T mean, T inv_std', 'T ggamma',
+        'y > 0 ? gy * ((x - mean) * inv_std) : (T)0',
+        'a + b', 'ggamma = a', '0', 'vfbn_unit_relu_bn_ggamma')(*args, axis=_AXIS)
+    inv_m = x.dtype.type(1. / (x.size // gamma.size))
+    gx = cuda.elementwise(
+        'T gy, T y, T x, T mean, T inv_std, T gamma, T ggamma, T gbeta, T inv_m',
+        'T gx',
+        '''T g = y > 0 ? gy : (T)0;
+           T x_hat = (x - mean) * inv_std;
+           gx = (gamma * inv_std) * (g - (x_hat * ggamma + gbeta) * inv_m);''',
+        'vfbn_unit_relu_bn_gx')(*args, gamma[_E], ggamma[_E], gbeta[_E], inv_m)
+    return None, gx, ggamma, gbeta
+
+
+# ---------------------------------------------------------------------------
+# The parameter-free shortcut: 1x1 average pooling of stride 2, zero channels.
+
+def shortcut(x, out_ch, stride):
+    """:func:`chainer_vfbn.model.shortcut` on arrays."""
+    cpu = _is_cpu(x)
+    xp = numpy if cpu else cuda.cupy
+    s = x
+    if stride != 1:
+        if cpu:     # AveragePooling2D.forward_cpu: the mean of one value
+            s = conv.im2col_cpu(x, 1, 1, stride, stride, 0, 0).mean(axis=(2, 3))
+        else:       # a view; the kernel that adds it reads it in place
+            s = x[:, :, ::stride, ::stride]
+    pad = out_ch - s.shape[1]
+    if pad > 0:
+        zeros = xp.zeros((s.shape[0], pad) + s.shape[2:], dtype=s.dtype)
+        s = xp.concatenate((s, zeros), axis=1)
+    return s
+
+
+def add_shortcut_grad(gx, g, gy, y, x_shape, stride):
+    """The input gradient: the convolution's ``gx`` plus the shortcut's, the
+    gradient ``g = gy * (y > 0)`` at the unit's output taken back through the
+    zero channels and the subsampling."""
+    c_in, (h, w) = x_shape[1], x_shape[2:]
+    if _is_cpu(gx):
+        gs = g[:, :c_in] if g.shape[1] > c_in else g    # Concat's split_axis
+        if stride != 1:                                  # AveragePooling2DGrad
+            gcol = numpy.tile(gs[:, :, None, None], (1, 1, 1, 1, 1, 1))
+            gs = conv.col2im_cpu(gcol, stride, stride, 0, 0, h, w)
+            gs /= 1
+        return gs + gx          # the grad Add, the shortcut's gradient arriving first
+    cuda.elementwise(
+        'T gy, T y', 'T gx', 'gx += y > 0 ? gy : (T)0',
+        'vfbn_unit_shortcut_grad')(gy[:, :c_in], y[:, :c_in],
+                                   gx[:, :, ::stride, ::stride])
+    return gx
