@@ -16,6 +16,7 @@ import contextlib
 import gzip
 import importlib
 import io
+import json
 import os
 import pickle
 import struct
@@ -32,6 +33,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import chainer_vfbn  # noqa: E402,F401  (the shim must precede `import chainer`)
+from chainer_vfbn import methods  # noqa: E402
 
 
 # ---------------------------------------------------------------------------
@@ -232,3 +234,46 @@ def fashion_mnist_writer():
 def cifar_writer():
     """``(cifar_batch_blob, write_cifar_archive)``, for tests that build broken archives."""
     return cifar_batch_blob, write_cifar_archive
+
+
+# ---------------------------------------------------------------------------
+# What the command-line tests (test_cli, test_resume, test_evaluate_cli) share.
+
+SYNTH_KEYS = ('synth/loss', 'synth/cosine', 'synth/rel_error', 'synth/norm_delta',
+              'synth/norm_delta_hat')
+SCRIPT_TIMEOUT = 300  # seconds; a tiny run takes a few
+
+
+def script(name, *argv):
+    """``python NAME ARGV...`` from the repository root, in this process: the
+    CompletedProcess (exit status, text stdout and stderr)."""
+    return run_main(name, *argv)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def row_id(row):
+    return row.method if row.alpha_gs is None else '%s-%g' % (row.method, row.alpha_gs)
+
+
+def table1_row(method, alpha_gs=None):
+    return next(r for r in methods.TABLE1 if r.method == method
+                and (alpha_gs is None or r.alpha_gs == alpha_gs))
+
+
+def assert_one_error_line(proc, prog, code=2):
+    """The process failed with ``code`` and said why in exactly one stderr line."""
+    assert proc.returncode == code, proc.stderr
+    assert 'Traceback' not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith('%s: error: ' % prog), lines
+    return lines[0]
+
+
+def short_run(row, iterations=3):
+    """argv of a finished Table 1 run with a trainer snapshot at its last iteration."""
+    return methods.row_argv(row) + ['--iterations', iterations, '--snapshot-every', 3]

@@ -9,7 +9,7 @@ import os
 import chainer_vfbn  # noqa: F401  (the NumPy-2 shim precedes `import chainer`)
 import pytest
 
-from test_cli import (assert_one_error_line, read_json, row_id, script, short_run,
+from conftest import (assert_one_error_line, read_json, row_id, script, short_run,
                       table1_row)
 
 
