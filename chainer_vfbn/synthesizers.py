@@ -227,8 +227,10 @@ def cross_entropy(logits, y):
 
 def loss_gradient(v_f, h, y):
     """``d CE(y, v_f(h)) / d h`` (eq. 6) for a batch-mean cross-entropy, as a
-    Variable whose graph reaches ``v_f``'s parameters (double backprop). ``v_f``'s
-    residual units run composed: the fused unit has no second derivative."""
+    Variable whose graph reaches ``v_f``'s parameters (double backprop). The
+    network's fused unit (:mod:`chainer_vfbn.fused.unit`) has no second derivative,
+    so it is off here: ``v_f``'s units run as :mod:`chainer_vfbn.fused.vf_unit`
+    (:meth:`VirtualForward.forward`), or composed with that switched off too."""
     if not isinstance(h, chainer.Variable) or not h.requires_grad:
         h = chainer.Variable(h.array if isinstance(h, chainer.Variable) else h)
     with chainer.using_config('vfbn_fused_units', False):   # twice differentiable

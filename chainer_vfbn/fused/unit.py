@@ -27,7 +27,8 @@ masks go from 32 kernels to 15, the convolutions' ~21 stay as they are.
 The network's units are never differentiated twice (a synthesizer sees a detached
 ``h``), so the fused unit has a first derivative only; a second derivative asked
 through it raises, naming the switch. VFBN's ``v_f``, which eq. 3 differentiates
-twice, runs its units composed (:func:`chainer_vfbn.synthesizers.loss_gradient`).
+twice, runs its units as :mod:`chainer_vfbn.fused.vf_unit` (differentiable twice),
+and composed when that is switched off (:func:`chainer_vfbn.synthesizers.loss_gradient`).
 The switch is ``chainer.config.vfbn_fused_units`` (:mod:`chainer_vfbn.fused`).
 """
 import chainer
