@@ -40,7 +40,7 @@ import chainer  # noqa: E402
 import numpy  # noqa: E402
 import threadpoolctl  # noqa: E402
 
-from chainer_vfbn import hostcost  # noqa: E402
+from chainer_vfbn import hostcost, machine  # noqa: E402
 
 METHODS = list(hostcost.HOST_METHODS)
 VARIANTS = list(hostcost.VARIANTS)
@@ -54,17 +54,6 @@ TARGET_BP_APPLICATIONS = 150
 TARGET_VFBN_MINUS_BP = 60
 TARGET_BP_CPU_RATIO = 0.45
 TARGET_VFBN_OVER_BP = 1.15
-
-
-def cpu_name():
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------------------
@@ -331,7 +320,7 @@ def run(args):
     shape = {'n': args.depth, 'width_divisor': args.width_divisor, 'batch': args.batch,
              'size': args.size}
     res = {'command': 'python ' + ' '.join(sys.argv), 'date': time.strftime('%Y-%m-%d'),
-           'machine': cpu_name(), 'cpus': os.cpu_count(),
+           'machine': machine.cpu_name(), 'cpus': os.cpu_count(),
            'load_average_before': os.getloadavg()[0], 'python': platform.python_version(),
            'numpy': numpy.__version__, 'chainer': chainer.__version__, 'shape': shape,
            'rounds': args.rounds, 'warmup': args.warmup, 'variants': hostcost.VARIANTS,

@@ -37,6 +37,8 @@ from chainer.backends import cuda
 from chainer import optimizers
 from chainer.optimizers import adam as chainer_adam
 
+from chainer_vfbn import flat
+
 
 def _kernel():
     # Chainer's Adam kernel (amsgrad and adabound off) with P = T.
@@ -96,9 +98,9 @@ class _Flat(object):
             if rule.state is None:
                 rule._state = {}      # zero moments, as AdamRule.init_state makes them
             views = []
-            for flat, old in ((self.param, p.array), (self.m, rule.state.get('m')),
-                              (self.v, rule.state.get('v'))):
-                view = flat[offset:end].reshape(p.shape)
+            for buffer, old in ((self.param, p.array), (self.m, rule.state.get('m')),
+                                (self.v, rule.state.get('v'))):
+                view = buffer[offset:end].reshape(p.shape)
                 if old is not None:
                     view[...] = p.device.send(old)
                 views.append(view)
@@ -165,27 +167,7 @@ class FlatAdam(optimizers.Adam):
         if hp.amsgrad or hp.adabound:
             raise ValueError('FlatAdam does not do amsgrad or adabound; use '
                              'chainer.optimizers.Adam')
-        params = []
-        for p in self.target.params():
-            rule = p.update_rule
-            if rule is None:
-                raise RuntimeError('FlatAdam: parameter %s was added to the link after '
-                                   'setup(); call setup() again' % self._name(p))
-            if not rule.enabled:
-                continue
-            if len(vars(rule.hyperparam)) > 1:     # more than its ``_parent``
-                raise ValueError('FlatAdam: parameter %s has its own hyperparameters '
-                                 '(%s); use chainer.optimizers.Adam'
-                                 % (self._name(p), ', '.join(sorted(
-                                     set(vars(rule.hyperparam)) - {'_parent'}))))
-            if p.array is None:
-                raise RuntimeError('FlatAdam: parameter %s must be initialized before '
-                                   'the first update' % self._name(p))
-            params.append(p)
-        return params
-
-    def _name(self, param):
-        return next(name for name, p in self.target.namedparams() if p is param)
+        return flat.updated_params(self, 'chainer.optimizers.Adam')
 
     def _buffers(self):
         """The flat buffers of the parameters updated now (None if there are none),
@@ -204,26 +186,26 @@ class FlatAdam(optimizers.Adam):
             loss.backward()
             del loss
         self.t += 1
-        flat = self._buffers()
-        if flat is None:
+        buffers = self._buffers()
+        if buffers is None:
             return
         hp = self.hyperparam
-        if hp.eps != 0 and flat.param.dtype.type(hp.eps) == 0:   # as AdamRule
+        if hp.eps != 0 and buffers.param.dtype.type(hp.eps) == 0:   # as AdamRule
             raise ValueError('eps of Adam optimizer is too small for {} ({})'.format(
-                flat.param.dtype.name, hp.eps))
-        for p in flat.params:
+                buffers.param.dtype.name, hp.eps))
+        for p in buffers.params:
             p.update_rule.t += 1
-        xp = backend.get_array_module(flat.param)
-        with chainer.using_device(flat.params[0].device):
-            grads = [p.grad for p in flat.params]
+        xp = backend.get_array_module(buffers.param)
+        with chainer.using_device(buffers.params[0].device):
+            grads = [p.grad for p in buffers.params]
             if any(g is None for g in grads):     # as Chainer: a missing gradient is zero
                 grads = [xp.zeros_like(p.array) if g is None else g
-                         for p, g in zip(flat.params, grads)]
-            xp.concatenate([g.ravel() for g in grads], out=flat.grad)
+                         for p, g in zip(buffers.params, grads)]
+            xp.concatenate([g.ravel() for g in grads], out=buffers.grad)
             update = update_cpu if xp is numpy else update_gpu
-            for start, end, t in flat.runs():
-                update(flat.param[start:end], flat.m[start:end], flat.v[start:end],
-                       flat.grad[start:end], chainer_adam._learning_rate(hp, t), hp)
+            for start, end, t in buffers.runs():
+                update(buffers.param[start:end], buffers.m[start:end], buffers.v[start:end],
+                       buffers.grad[start:end], chainer_adam._learning_rate(hp, t), hp)
         self.flat_updates += 1
 
 

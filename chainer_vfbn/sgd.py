@@ -26,6 +26,8 @@ from chainer import backend
 from chainer.backends import cuda
 from chainer import optimizers
 
+from chainer_vfbn import flat
+
 
 def _kernel():
     return cuda.elementwise(
@@ -101,27 +103,7 @@ class MomentumSGDWeightDecay(optimizers.MomentumSGD):
 
     def _updated_params(self):
         """The target's parameters with an enabled update rule, checked."""
-        params = []
-        for p in self.target.params():
-            rule = p.update_rule
-            if rule is None:
-                raise RuntimeError('MomentumSGDWeightDecay: parameter %s was added to the '
-                                   'link after setup(); call setup() again' % self._name(p))
-            if not rule.enabled:
-                continue
-            if len(vars(rule.hyperparam)) > 1:     # more than its ``_parent``
-                raise ValueError('MomentumSGDWeightDecay: parameter %s has its own '
-                                 'hyperparameters (%s); use chainer.optimizers.MomentumSGD'
-                                 % (self._name(p), ', '.join(sorted(
-                                     set(vars(rule.hyperparam)) - {'_parent'}))))
-            if p.array is None:
-                raise RuntimeError('MomentumSGDWeightDecay: parameter %s must be '
-                                   'initialized before the first update' % self._name(p))
-            params.append(p)
-        return params
-
-    def _name(self, param):
-        return next(name for name, p in self.target.namedparams() if p is param)
+        return flat.updated_params(self, 'chainer.optimizers.MomentumSGD')
 
     def _buffers(self):
         """The flat buffers of the parameters updated now (None if there are none),
