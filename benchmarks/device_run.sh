@@ -22,6 +22,7 @@ timeout --signal=INT --kill-after=10 "${CHECK_TIMEOUT_S:-240}" \
     python3 -u benchmarks/device_check --out "$OUT" "$@" 2>&1 | tee "$OUT/device_check.log"
 check=${PIPESTATUS[0]}
 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_sgd.py tests/test_synthesizers.py \
+    tests/test_adam.py tests/test_fused_unit.py \
     2>&1 | tee "$OUT/gpu_tests.txt"
 tests=${PIPESTATUS[0]}
 echo "device_check exit $check, gpu tests exit $tests"
