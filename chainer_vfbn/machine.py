@@ -39,9 +39,24 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
+def blas():
+    """The BLAS NumPy calls and the kernels it chose for this CPU (``openblas
+    0.3.31 SkylakeX``): float32 products round differently with another choice
+    (AVX-512 or AVX2 kernels), so bit-for-bit repeats need the same one."""
+    try:
+        import threadpoolctl
+        for lib in threadpoolctl.threadpool_info():
+            if lib.get('user_api') == 'blas':
+                return ' '.join(str(lib.get(k)) for k in ('internal_api', 'version',
+                                                          'architecture') if lib.get(k))
+    except Exception:
+        pass
+    return None
+
+
 def machine(device):
     m = {'platform': platform.platform(), 'cpu': cpu_name(), 'cpus': os.cpu_count(),
-         'device': str(device)}
+         'blas': blas(), 'device': str(device)}
     if device.xp is not numpy:
         try:
             import cupy
