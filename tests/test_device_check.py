@@ -45,10 +45,13 @@ def load_main():
 
 def run_script(*args, timeout=120):
     # One BLAS thread: a modest share of this 2-core machine, and a fixed summation
-    # order, so the two CPU copies of the numerics compute bit for bit the same.
+    # order, so the two CPU copies of the numerics compute bit for bit the same. And
+    # OpenBLAS's AVX2 kernels: with its AVX-512 ones (SkylakeX, chosen on this
+    # project's AMD EPYC) the two copies differed in a last bit in 1 run of 6 to 2 of
+    # 3 of this file (2026-12-06), with the AVX2 ones in none of 10.
     path = [REPO_ROOT] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), OPENBLAS_NUM_THREADS='1',
-               OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+               OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', OPENBLAS_CORETYPE='Haswell')
     return subprocess.run([sys.executable, SCRIPT] + list(args), capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=REPO_ROOT)
 

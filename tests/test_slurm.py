@@ -170,7 +170,8 @@ def test_a_signalled_job_requeues_and_ends_as_the_uninterrupted_run(tmp_path, ci
     assert 0 < k < iterations
     assert 'requeued job %s' % job in (root / 'slurm' / ('%s_0_log.out' % job)).read_text()
     parts = json.loads((run / 'args.json').read_text())['parts']
-    assert [p['resumed_from'] for p in parts] == [str(run / ('snapshot_iter_%d' % k))]
+    # (parts lists every part of the run, the first included)
+    assert [p['resumed_from'] for p in parts] == [None, str(run / ('snapshot_iter_%d' % k))]
     second = output.split('--resume', 1)[1]  # the requeued job's train.py went on at k + 1
     assert re.search(r'\[progress\] iteration (\d+)', second).group(1) == str(k + 1), second
 
