@@ -33,6 +33,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import chainer_vfbn  # noqa: E402,F401  (the shim must precede `import chainer`)
+import chainer  # noqa: E402
 from chainer_vfbn import methods  # noqa: E402
 
 
@@ -277,3 +278,25 @@ def assert_one_error_line(proc, prog, code=2):
 def short_run(row, iterations=3):
     """argv of a finished Table 1 run with a trainer snapshot at its last iteration."""
     return methods.row_argv(row) + ['--iterations', iterations, '--snapshot-every', 3]
+
+
+# ---------------------------------------------------------------------------
+# Counting function applications (the fast paths' tests).
+
+class Applications(chainer.FunctionHook):
+    """The label of every function application, in order, those made inside backward
+    passes too."""
+    name = 'Applications'
+
+    def __init__(self):
+        self.labels = []
+
+    def forward_preprocess(self, function, in_data):
+        self.labels.append(function.label)
+
+    def count(self, label):
+        return self.labels.count(label)
+
+    @property
+    def total(self):
+        return len(self.labels)

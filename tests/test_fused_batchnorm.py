@@ -2,7 +2,6 @@
 one, against finite differences, and inside VFBN's eq. 3 (float64)."""
 import chainer_vfbn  # noqa: F401  (compat shim before chainer)
 
-import collections
 import copy
 
 import chainer
@@ -14,26 +13,12 @@ from chainer import gradient_check, serializers
 
 from chainer_vfbn import synthesizers
 from chainer_vfbn.fused import batchnorm
+from conftest import Applications
 
 pytestmark = pytest.mark.numpy1
 
 F64 = numpy.float64
 SWITCH = 'vfbn_fused_bn_double_backward'
-
-
-class Count(chainer.FunctionHook):
-    """Every function application, those inside backward passes included."""
-    name = 'count'
-
-    def __init__(self):
-        self.labels = collections.Counter()
-
-    def forward_preprocess(self, function, in_data):
-        self.labels[function.label] += 1
-
-    @property
-    def total(self):
-        return sum(self.labels.values())
 
 
 def data(shape=(3, 4, 5, 5), seed=0):
@@ -92,9 +77,9 @@ def test_second_derivative_is_one_node_and_the_switch_turns_it_off():
     weights = [ggx, numpy.ones(4), numpy.ones(4)]
     ours, _ = links()
     for enabled in (True, False):
-        with Count() as count:
+        with Applications() as count:
             first_and_second(ours, x, gy, weights, enabled)
-        assert count.labels['BatchNormalizationDoubleGrad'] == (1 if enabled else 0)
+        assert count.count('BatchNormalizationDoubleGrad') == (1 if enabled else 0)
         if enabled:
             assert count.total < 20
         else:
@@ -140,7 +125,7 @@ def test_the_link_keeps_chainers_names_in_snapshots():
 def vfbn_eq3(enabled, synth, h, y, delta):
     """delta_hat (eq. 6) and eq. 3's gradients for v_f's parameters."""
     synth = copy.deepcopy(synth)
-    with chainer.using_config(SWITCH, enabled), Count() as count, \
+    with chainer.using_config(SWITCH, enabled), Applications() as count, \
             chainer.using_config('vfbn_fused_v_f', False):   # v_f's composed units
         delta_hat = synth(chainer.Variable(h), y)
         e = synth.loss(delta_hat, delta, 1.0)
@@ -168,7 +153,7 @@ def test_eq3_gradients_of_v_f_bit_identical_with_the_fused_second_derivative():
     assert len(got[2]) == 4
     for name in got[2]:
         numpy.testing.assert_array_equal(got[2][name], want[2][name], err_msg=name)
-    assert got[3].labels['BatchNormalizationDoubleGrad'] == 4
+    assert got[3].count('BatchNormalizationDoubleGrad') == 4
     assert got[3].total < want[3].total - 4 * 30
 
 

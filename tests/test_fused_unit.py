@@ -20,20 +20,9 @@ from chainer import gradient_check
 
 from chainer_vfbn import data, methods, model
 from chainer_vfbn.fused import unit as fused_unit
+from conftest import Applications
 
 F64 = numpy.float64
-
-
-class Applications(chainer.FunctionHook):
-    """The label of every function application, those inside backward passes too."""
-
-    name = 'Applications'
-
-    def __init__(self):
-        self.labels = []
-
-    def forward_preprocess(self, function, in_data):
-        self.labels.append(function.label)
 
 
 def make_unit(c_in, c_out, stride, rng, dtype=F64):
@@ -219,7 +208,7 @@ def trained_state(method, fused, steps=2):
             updater.update()
     snapshot = chainer.serializers.DictionarySerializer()
     snapshot.save(updater)
-    return snapshot.target, hook.labels.count('FusedResidualUnit')
+    return snapshot.target, hook.count('FusedResidualUnit')
 
 
 @pytest.mark.parametrize('method, fused_units', [

@@ -2,7 +2,6 @@
 ones, against finite differences, and inside VFBN's eq. 3 (float64)."""
 import chainer_vfbn  # noqa: F401  (compat shim before chainer)
 
-import collections
 import copy
 
 import chainer
@@ -14,27 +13,13 @@ from chainer import gradient_check, serializers
 
 from chainer_vfbn import data, methods, model, synthesizers
 from chainer_vfbn.fused import cross_entropy as vf_cross_entropy, vf_unit
+from conftest import Applications
 
 pytestmark = pytest.mark.numpy1
 
 F64 = numpy.float64
 SWITCH = 'vfbn_fused_v_f'
 PARAMS = ('conv1/W', 'bn1/gamma', 'bn1/beta', 'conv2/W', 'bn2/gamma', 'bn2/beta')
-
-
-class Count(chainer.FunctionHook):
-    """Every function application, those inside backward passes included."""
-    name = 'count'
-
-    def __init__(self):
-        self.labels = collections.Counter()
-
-    def forward_preprocess(self, function, in_data):
-        self.labels[function.label] += 1
-
-    @property
-    def total(self):
-        return sum(self.labels.values())
 
 
 def unit(channels=3, seed=0):
@@ -156,7 +141,7 @@ def vfbn_eq3(fused, synth, h, y, delta):
     statistics, and the applications counted in both phases; ``fused=False``: the
     composed unit with Chainer's batch normalisation."""
     synth = copy.deepcopy(synth)
-    with chainer.using_config(SWITCH, fused), Count() as count, \
+    with chainer.using_config(SWITCH, fused), Applications() as count, \
             chainer.using_config('vfbn_fused_bn_double_backward', fused):
         delta_hat = synth(chainer.Variable(h), y)
         e = synth.loss(delta_hat, delta, 1.0)
@@ -178,8 +163,8 @@ def test_vfbn_eq3_with_fused_v_f_bit_identical_to_composed_in_few_applications()
     assert got[2].keys() == want[2].keys() and len(got[2]) == 8
     for name in got[2]:
         numpy.testing.assert_array_equal(got[2][name], want[2][name], err_msg=name)
-    labels = got[3].labels
-    assert labels['UnitFunction'] == labels['UnitGradGrad'] == 2 and labels['UnitGrad'] == 4
+    assert got[3].count('UnitFunction') == got[3].count('UnitGradGrad') == 2
+    assert got[3].count('UnitGrad') == 4
     assert got[3].total <= 64 < 250 < want[3].total
 
 
@@ -228,11 +213,11 @@ def test_cross_entropy_value_first_and_second_derivatives_bit_identical(dtype):
         assert_same(a, b, name)
     counts = []
     for fused in (True, False):
-        with Count() as count:
+        with Applications() as count:
             ce_run(logits, y, weights, fused)
         counts.append(count)
     # 3 nodes, and 4 for the weighted sum and its backward (composed: 21 in all).
-    assert counts[0].labels['CrossEntropyGradGrad'] == 1 and counts[0].total == 7
+    assert counts[0].count('CrossEntropyGradGrad') == 1 and counts[0].total == 7
     assert counts[1].total >= 20
 
 

@@ -15,8 +15,8 @@ import chainer
 import numpy
 import pytest
 
-from conftest import (REPO_ROOT, SCRIPT_TIMEOUT, TINY, read_json, script, short_run,
-                      table1_row)
+from conftest import (REPO_ROOT, SCRIPT_TIMEOUT, TINY, Applications, read_json, script,
+                      short_run, table1_row)
 
 
 # ---------------------------------------------------------------------------
@@ -50,16 +50,6 @@ def test_resume_is_exact(trained, tmp_path, cifar_archive, method, alpha_gs):
 
 
 
-class FusedUnits(chainer.FunctionHook):
-    """Counts the applications of the fused residual unit (chainer_vfbn.fused.unit)."""
-
-    name = 'FusedUnits'
-    count = 0
-
-    def forward_preprocess(self, function, in_data):
-        self.count += function.label == 'FusedResidualUnit'
-
-
 def test_resume_across_the_fused_unit_is_exact(trained, tmp_path, cifar_archive):
     """A snapshot taken with the composed residual units (``vfbn_fused_units`` off)
     resumes with the fused ones, the default, and the run ends as the uninterrupted
@@ -68,16 +58,16 @@ def test_resume_across_the_fused_unit_is_exact(trained, tmp_path, cifar_archive)
     argv = short_run(table1_row('vfbn', 1e-3), iterations=6) + ['--eval-every', 3]
     full, proc = trained(*argv)
     assert proc.returncode == 0, proc.stderr
-    part, fused = str(tmp_path / 'part'), FusedUnits()
+    part, fused = str(tmp_path / 'part'), Applications()
     with chainer.using_config('vfbn_fused_units', False), fused:
         proc = script('train.py', *TINY, '--data-dir', cifar_archive, '--out', part,
                       *argv, '--iterations', 3)
     assert proc.returncode == 0, proc.stderr
-    assert fused.count == 0
+    assert fused.count('FusedResidualUnit') == 0
     with fused:
         proc = script('train.py', '--resume', part, '--iterations', 6)
     assert proc.returncode == 0, proc.stderr
-    assert fused.count >= 3 * 3          # 3 updates of the network's 3 units
+    assert fused.count('FusedResidualUnit') >= 3 * 3   # 3 updates of the network's 3 units
 
     def timeless(log):
         return [{k: v for k, v in entry.items() if k != 'elapsed_time'} for entry in log]
