@@ -18,6 +18,8 @@ col2im), and each elementwise chain is ONE CuPy kernel: BN's normalise-scale-shi
 with the ReLU; with the shortcut add as well; the backward's ReLU mask inside BN's
 gradient sums and its input gradient; the shortcut's masked gradient added in place.
 """
+import math
+
 import numpy
 
 from chainer.backends import cuda
@@ -35,33 +37,66 @@ def _is_cpu(a):
 # ---------------------------------------------------------------------------
 # Convolution 3x3, padding 1, no bias.
 
+def im2col_cpu(x, k, stride, pad):
+    """``conv.im2col_cpu(x, k, k, stride, stride, pad, pad)``: the same values in the
+    same C-contiguous ``(n, c, k, k, out_h, out_w)`` array, copied by two NumPy
+    operations (a zero-padded copy, then every window at once through a strided
+    view) where Chainer's makes ``numpy.pad``'s dozen and ``k * k`` slice copies.
+    Copies are exact, so the columns, and all that is computed from them, are
+    Chainer's bit for bit."""
+    n, c, h, w = x.shape
+    out_h, out_w = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    img = numpy.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=x.dtype)
+    img[:, :, pad:pad + h, pad:pad + w] = x
+    sn, sc, sh, sw = img.strides
+    windows = numpy.ndarray((n, c, k, k, out_h, out_w), x.dtype, img, 0,
+                            (sn, sc, sh, sw, sh * stride, sw * stride))
+    return windows.copy()
+
+
+def _dot_cpu(a, b, perm_a, perm_b, k):
+    """``numpy.tensordot`` of ``a`` and ``b`` with the axes to sum already moved by
+    ``perm_a`` to ``a``'s last ``k`` and by ``perm_b`` to ``b``'s first ``k``: NumPy's
+    own transposes, reshapes and ``dot``, so the same BLAS call on arrays of the same
+    layout (bit-identical), without its argument checks in Python."""
+    at, bt = a.transpose(perm_a), b.transpose(perm_b)
+    free_a, free_b = at.shape[:at.ndim - k], bt.shape[k:]
+    summed = math.prod(at.shape[at.ndim - k:])
+    res = numpy.dot(at.reshape(math.prod(free_a), summed),
+                    bt.reshape(summed, math.prod(free_b)))
+    return res.reshape(free_a + free_b)
+
+
 def conv3x3(x, W, stride):
     """``conv(x, W)``, as ``Convolution2DFunction._forward_{cpu,gpu}_core``."""
-    xp, im2col = (numpy, conv.im2col_cpu) if _is_cpu(x) else (cuda.cupy, conv.im2col_gpu)
-    col = im2col(x, 3, 3, stride, stride, 1, 1)
-    y = xp.tensordot(col, W, ((1, 2, 3), (1, 2, 3))).astype(x.dtype, copy=False)
-    return xp.rollaxis(y, 3, 1)
+    if _is_cpu(x):      # tensordot(col, W, ((1, 2, 3), (1, 2, 3)))
+        y = _dot_cpu(im2col_cpu(x, 3, stride, 1), W, (0, 4, 5, 1, 2, 3), (1, 2, 3, 0), 3)
+        return numpy.rollaxis(y.astype(x.dtype, copy=False), 3, 1)
+    col = conv.im2col_gpu(x, 3, 3, stride, stride, 1, 1)
+    y = cuda.cupy.tensordot(col, W, ((1, 2, 3), (1, 2, 3))).astype(x.dtype, copy=False)
+    return cuda.cupy.rollaxis(y, 3, 1)
 
 
 def conv3x3_grad_x(gy, W, stride, size):
     """d conv / d x applied to ``gy``: ``Deconvolution2DFunction``'s core with
     ``outsize=size``."""
-    xp, col2im = (numpy, conv.col2im_cpu) if _is_cpu(gy) else (cuda.cupy, conv.col2im_gpu)
-    gcol = xp.tensordot(W, gy, (0, 1)).astype(gy.dtype, copy=False)
-    gcol = xp.rollaxis(gcol, 3)
-    return col2im(gcol, stride, stride, 1, 1, size[0], size[1])
+    if _is_cpu(gy):     # tensordot(W, gy, (0, 1))
+        gcol = _dot_cpu(W, gy, (1, 2, 3, 0), (1, 0, 2, 3), 1).astype(gy.dtype, copy=False)
+        return conv.col2im_cpu(numpy.rollaxis(gcol, 3), stride, stride, 1, 1, *size)
+    gcol = cuda.cupy.tensordot(W, gy, (0, 1)).astype(gy.dtype, copy=False)
+    gcol = cuda.cupy.rollaxis(gcol, 3)
+    return conv.col2im_gpu(gcol, stride, stride, 1, 1, size[0], size[1])
 
 
-def conv3x3_grad_W(x, gy, W, stride):
+def conv3x3_grad_W(x, gy, stride):
     """d conv / d W applied to ``gy``: ``Convolution2DGradW``'s core."""
-    if _is_cpu(x):
-        xp, im2col = numpy, conv.im2col_cpu
+    if _is_cpu(x):      # tensordot(gy, col, ((0, 2, 3), (0, 4, 5)))
         if not (gy.flags.c_contiguous or gy.flags.f_contiguous) and 1 in gy.shape:
             gy = numpy.ascontiguousarray(gy)      # as Chainer (its issue 2744)
-    else:
-        xp, im2col = cuda.cupy, conv.im2col_gpu
-    col = im2col(x, 3, 3, stride, stride, 1, 1)
-    return xp.tensordot(gy, col, ((0, 2, 3), (0, 4, 5))).astype(W.dtype, copy=False)
+        gW = _dot_cpu(gy, im2col_cpu(x, 3, stride, 1), (1, 0, 2, 3), (0, 4, 5, 1, 2, 3), 3)
+        return gW.astype(x.dtype, copy=False)
+    col = conv.im2col_gpu(x, 3, 3, stride, stride, 1, 1)
+    return cuda.cupy.tensordot(gy, col, ((0, 2, 3), (0, 4, 5))).astype(x.dtype, copy=False)
 
 
 # ---------------------------------------------------------------------------
@@ -185,8 +220,8 @@ def shortcut(x, out_ch, stride):
     xp = numpy if cpu else cuda.cupy
     s = x
     if stride != 1:
-        if cpu:     # AveragePooling2D.forward_cpu: the mean of one value
-            s = conv.im2col_cpu(x, 1, 1, stride, stride, 0, 0).mean(axis=(2, 3))
+        if cpu:     # AveragePooling2D.forward_cpu: the mean of one value, itself
+            s = numpy.ascontiguousarray(x[:, :, ::stride, ::stride])
         else:       # a view; the kernel that adds it reads it in place
             s = x[:, :, ::stride, ::stride]
     pad = out_ch - s.shape[1]
@@ -203,10 +238,10 @@ def add_shortcut_grad(gx, g, gy, y, x_shape, stride):
     c_in, (h, w) = x_shape[1], x_shape[2:]
     if _is_cpu(gx):
         gs = g[:, :c_in] if g.shape[1] > c_in else g    # Concat's split_axis
-        if stride != 1:                                  # AveragePooling2DGrad
-            gcol = numpy.tile(gs[:, :, None, None], (1, 1, 1, 1, 1, 1))
-            gs = conv.col2im_cpu(gcol, stride, stride, 0, 0, h, w)
-            gs /= 1
+        if stride != 1:     # AveragePooling2DGrad: col2im of a 1x1 window, / 1
+            sub = gs
+            gs = numpy.zeros((gs.shape[0], c_in, h, w), dtype=gs.dtype)
+            gs[:, :, ::stride, ::stride] += sub
         return gs + gx          # the grad Add, the shortcut's gradient arriving first
     cuda.elementwise(
         'T gy, T y', 'T gx', 'gx += y > 0 ? gy : (T)0',

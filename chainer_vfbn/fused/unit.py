@@ -104,10 +104,10 @@ class FusedResidualUnitGrad(function_node.FunctionNode):
         g, gc2, ggamma2, gbeta2 = kernels.relu_bn_grad(
             gy, y, f.c2, gamma2, f.mean2, f.inv_std2)
         gr = kernels.conv3x3_grad_x(gc2, W2, 1, f.r.shape[2:])
-        gW2 = kernels.conv3x3_grad_W(f.r, gc2, W2, 1)
+        gW2 = kernels.conv3x3_grad_W(f.r, gc2, 1)
         _, gc1, ggamma1, gbeta1 = kernels.relu_bn_grad(
             gr, f.r, f.c1, gamma1, f.mean1, f.inv_std1)
-        gW1 = kernels.conv3x3_grad_W(x, gc1, W1, f.stride)
+        gW1 = kernels.conv3x3_grad_W(x, gc1, f.stride)
         grads = {1: gW1, 2: ggamma1, 3: gbeta1, 4: gW2, 5: ggamma2, 6: gbeta2}
         if 0 in self.indexes:
             gx = kernels.conv3x3_grad_x(gc1, W1, f.stride, x.shape[2:])

@@ -42,46 +42,29 @@ import numpy
 from chainer import backend
 from chainer import function_node
 from chainer.functions.normalization import batch_normalization as chainer_bn
-from chainer.utils import conv as conv_utils
 
-from chainer_vfbn.fused import batchnorm
+from chainer_vfbn.fused import batchnorm, kernels
 
 _AXIS, _EXPAND = (0, 2, 3), (None, slice(None), None, None)
 _BN = chainer_bn.GeneralBatchNormalizationImpl()
 
 
-# -- Chainer's array routines for a 3x3 convolution, stride 1, padding 1 -----------
-
-def _im2col(x):
-    if backend.get_array_module(x) is numpy:
-        return conv_utils.im2col_cpu(x, 3, 3, 1, 1, 1, 1)
-    return conv_utils.im2col_gpu(x, 3, 3, 1, 1, 1, 1)
-
+# -- the convolutions: 3x3, stride 1, padding 1, the network unit's array work ------
 
 def conv(x, W):
     """``Convolution2DFunction`` forward (no bias)."""
-    xp = backend.get_array_module(x)
-    y = xp.tensordot(_im2col(x), W, ((1, 2, 3), (1, 2, 3))).astype(x.dtype, copy=False)
-    return xp.rollaxis(y, 3, 1)
+    return kernels.conv3x3(x, W, 1)
 
 
 def deconv(gy, W):
     """``Deconvolution2DFunction`` forward (no bias): the gradient of ``conv``
     w.r.t. its input."""
-    xp = backend.get_array_module(gy)
-    gcol = xp.rollaxis(xp.tensordot(W, gy, (0, 1)).astype(gy.dtype, copy=False), 3)
-    h, w = gy.shape[2:]
-    if xp is numpy:
-        return conv_utils.col2im_cpu(gcol, 1, 1, 1, 1, h, w)
-    return conv_utils.col2im_gpu(gcol, 1, 1, 1, 1, h, w)
+    return kernels.conv3x3_grad_x(gy, W, 1, gy.shape[2:])
 
 
 def grad_w(x, gy):
     """``Convolution2DGradW`` forward: the gradient of ``conv`` w.r.t. ``W``."""
-    xp = backend.get_array_module(x)
-    if not (gy.flags.c_contiguous or gy.flags.f_contiguous) and 1 in gy.shape:
-        gy = xp.ascontiguousarray(gy)     # as Chainer (NumPy's tensordot)
-    return xp.tensordot(gy, _im2col(x), ((0, 2, 3), (0, 4, 5))).astype(x.dtype, copy=False)
+    return kernels.conv3x3_grad_W(x, gy, 1)
 
 
 def _bn_grad(a, gamma, gy, stats):
