@@ -65,6 +65,7 @@ VARIANTS = collections.OrderedDict([
     ('bn double backward only', dict(_OFF, vfbn_fused_bn_double_backward=True,
                                      type_check=True)),
     ('v_f only', dict(_OFF, vfbn_fused_v_f=True, type_check=True)),
+    ('reductions only', dict(_OFF, vfbn_fused_reductions=True, type_check=True)),
     ('adam only', dict(_OFF, vfbn_fused_adam=True, type_check=True)),
     ('no type check only', dict(_OFF, type_check=False)),
 ])

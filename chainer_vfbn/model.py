@@ -19,7 +19,7 @@ import chainer.links as L
 from chainer import initializers
 
 from chainer_vfbn import config
-from chainer_vfbn.fused import batchnorm
+from chainer_vfbn.fused import batchnorm, reductions
 from chainer_vfbn.fused import unit as fused_unit
 
 
@@ -130,7 +130,17 @@ class Upper(chainer.Chain):
 
     def head(self, h):
         """Global average pooling and fc: the last units' maps -> logits."""
-        return self.fc(F.average(h, axis=(2, 3)))
+        return self.fc(global_average_pooling(h))
+
+
+def global_average_pooling(h):
+    """The mean of ``(B, C, H, W)`` maps over the positions, ``(B, C)``: the network's
+    head and v_f's (:class:`chainer_vfbn.synthesizers.VirtualForward`). With
+    ``chainer.config.vfbn_fused_reductions`` on, one node per derivative
+    (:mod:`chainer_vfbn.fused.reductions`; v_f's is differentiated twice)."""
+    if chainer.config.vfbn_fused_reductions:
+        return reductions.global_average(h)
+    return F.average(h, axis=(2, 3))
 
 
 class Net(chainer.Chain):

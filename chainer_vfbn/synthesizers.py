@@ -24,11 +24,15 @@ import chainer.links as L
 from chainer import initializers
 
 from chainer_vfbn import config, model
-from chainer_vfbn.fused import cross_entropy as fused_cross_entropy, vf_unit
+from chainer_vfbn.fused import cross_entropy as fused_cross_entropy, reductions, vf_unit
 
 
 def squared_error(a, b):
-    """Eq. 3 per example, averaged over the batch: ``sum((a - b)^2) / B``."""
+    """Eq. 3 per example, averaged over the batch: ``sum((a - b)^2) / B``. With
+    ``chainer.config.vfbn_fused_reductions`` on, the same numbers in one node
+    forward and one backward (:mod:`chainer_vfbn.fused.reductions`)."""
+    if chainer.config.vfbn_fused_reductions:
+        return reductions.squared_error(a, b)
     return F.sum(F.square(a - b)) / a.shape[0]
 
 
@@ -203,7 +207,7 @@ class VirtualForward(chainer.Chain):
         # (chainer_vfbn.fused.vf_unit; VFBN differentiates v_f twice).
         for unit in (self.res1, self.res2):
             h = vf_unit.residual_unit(unit, h) if vf_unit.applies(unit) else unit(h)
-        return self.fc(F.average(h, axis=(2, 3)))
+        return self.fc(model.global_average_pooling(h))
 
 
 def cross_entropy(logits, y):

@@ -35,16 +35,16 @@ PINS = {
     "fused": {
         "bp": {
             "applications": {"forward lower": 5, "backward lower": 6, "forward upper": 3,
-                             "backward upper": 10},
+                             "backward upper": 8},
             "rule_calls": {}},
         "jaderberg-linear": {
             "applications": {"forward lower": 5, "synthesizer forward": 2, "backward lower": 6,
-                             "forward upper": 3, "backward upper": 10, "eq. 3": 12},
+                             "forward upper": 3, "backward upper": 8, "eq. 3": 6},
             "rule_calls": {}},
         "vfbn": {
-            "applications": {"forward lower": 5, "synthesizer forward": 5, "delta_hat's gradient": 8,
-                             "backward lower": 6, "forward upper": 3, "backward upper": 10,
-                             "eq. 3": 33},
+            "applications": {"forward lower": 5, "synthesizer forward": 5, "delta_hat's gradient": 6,
+                             "backward lower": 6, "forward upper": 3, "backward upper": 8,
+                             "eq. 3": 23},
             "rule_calls": {}},
     },
 }

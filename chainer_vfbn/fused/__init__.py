@@ -16,6 +16,9 @@ each twin equal to it:
 - :mod:`chainer_vfbn.fused.vf_unit` and :mod:`chainer_vfbn.fused.cross_entropy`:
   v_f's residual units and its cross-entropy (differentiated twice, eq. 6 and 3),
   each as one node forward, one first derivative, one second derivative.
+- :mod:`chainer_vfbn.fused.reductions`: eq. 3's squared error (every synthesizer's
+  loss) in one node forward and one backward, and global average pooling
+  (v_f's and the network's head) in one node per derivative.
 - The synthesizer's Adam in one update: :mod:`chainer_vfbn.adam`, beside
   :mod:`chainer_vfbn.sgd`, the network's optimizer.
 
@@ -30,6 +33,7 @@ SWITCHES = {
     'vfbn_fused_units': True,               # fused.unit for the network's units
     'vfbn_fused_bn_double_backward': True,  # fused.batchnorm in composed units' BN
     'vfbn_fused_v_f': True,                 # fused.vf_unit, fused.cross_entropy in v_f
+    'vfbn_fused_reductions': True,          # fused.reductions: eq. 3, average pooling
     'vfbn_fused_adam': True,                # chainer_vfbn.adam for synthesizers (at build)
 }
 for _key, _value in SWITCHES.items():
