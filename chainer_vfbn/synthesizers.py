@@ -24,7 +24,7 @@ import chainer.links as L
 from chainer import initializers
 
 from chainer_vfbn import config, model
-from chainer_vfbn.fused import cross_entropy as fused_cross_entropy, reductions, vf_unit
+from chainer_vfbn.fused import cross_entropy as fused_cross_entropy, reductions, vf_head, vf_unit
 
 
 def squared_error(a, b):
@@ -203,11 +203,23 @@ class VirtualForward(chainer.Chain):
             self.fc = L.Linear(channels, n_classes)
 
     def forward(self, h):
-        # In training, each unit as three nodes, however often it is differentiated
-        # (chainer_vfbn.fused.vf_unit; VFBN differentiates v_f twice).
+        return self.fc(model.global_average_pooling(self.maps(h)))
+
+    def maps(self, h):
+        """The residual units' output maps. In training, each unit as three nodes,
+        however often it is differentiated (chainer_vfbn.fused.vf_unit; VFBN
+        differentiates v_f twice)."""
         for unit in (self.res1, self.res2):
             h = vf_unit.residual_unit(unit, h) if vf_unit.applies(unit) else unit(h)
-        return self.fc(model.global_average_pooling(h))
+        return h
+
+    def cross_entropy(self, h, y):
+        """``cross_entropy(self(h), y)``; in training with ``vfbn_fused_v_f`` on, the
+        head (pooling, fc, cross-entropy) as one node per derivative
+        (:mod:`chainer_vfbn.fused.vf_head`)."""
+        if chainer.config.train and chainer.config.vfbn_fused_v_f:
+            return vf_head.cross_entropy_of_head(self.maps(h), self.fc, y)
+        return cross_entropy(self(h), y)
 
 
 def cross_entropy(logits, y):
@@ -238,8 +250,10 @@ def loss_gradient(v_f, h, y):
     if not isinstance(h, chainer.Variable) or not h.requires_grad:
         h = chainer.Variable(h.array if isinstance(h, chainer.Variable) else h)
     with chainer.using_config('vfbn_fused_units', False):   # twice differentiable
-        logits = v_f(h)
-    loss = cross_entropy(logits, y)
+        if isinstance(v_f, VirtualForward):
+            loss = v_f.cross_entropy(h, y)
+        else:
+            loss = cross_entropy(v_f(h), y)
     delta_hat, = chainer.grad([loss], [h], enable_double_backprop=True)
     return delta_hat
 

@@ -1,7 +1,9 @@
-"""v_f's residual unit and cross-entropy as three nodes each against the composed
-ones, against finite differences, and inside VFBN's eq. 3 (float64)."""
+"""v_f's residual unit, its cross-entropy and its head (pooling, fc, cross-entropy)
+as three nodes each against the composed ones, against finite differences, and
+inside VFBN's eq. 3 (float64)."""
 import chainer_vfbn  # noqa: F401  (compat shim before chainer)
 
+import contextlib
 import copy
 
 import chainer
@@ -11,8 +13,8 @@ import numpy
 import pytest
 from chainer import gradient_check, serializers
 
-from chainer_vfbn import data, methods, model, synthesizers
-from chainer_vfbn.fused import cross_entropy as vf_cross_entropy, vf_unit
+from chainer_vfbn import data, fused, methods, model, synthesizers
+from chainer_vfbn.fused import cross_entropy as vf_cross_entropy, vf_head, vf_unit
 from conftest import Applications
 
 pytestmark = pytest.mark.numpy1
@@ -142,7 +144,8 @@ def vfbn_eq3(fused, synth, h, y, delta):
     composed unit with Chainer's batch normalisation."""
     synth = copy.deepcopy(synth)
     with chainer.using_config(SWITCH, fused), Applications() as count, \
-            chainer.using_config('vfbn_fused_bn_double_backward', fused):
+            chainer.using_config('vfbn_fused_bn_double_backward', fused), \
+            chainer.using_config('vfbn_fused_reductions', fused):
         delta_hat = synth(chainer.Variable(h), y)
         e = synth.loss(delta_hat, delta, 1.0)
         synth.cleargrads()
@@ -165,7 +168,8 @@ def test_vfbn_eq3_with_fused_v_f_bit_identical_to_composed_in_few_applications()
         numpy.testing.assert_array_equal(got[2][name], want[2][name], err_msg=name)
     assert got[3].count('UnitFunction') == got[3].count('UnitGradGrad') == 2
     assert got[3].count('UnitGrad') == 4
-    assert got[3].total <= 64 < 250 < want[3].total
+    assert got[3].count('Head') == got[3].count('HeadGrad') == got[3].count('HeadGradGrad') == 1
+    assert got[3].total <= 25 < 250 < want[3].total
 
 
 def test_vfbn_eq3_with_fused_v_f_against_finite_differences():
@@ -180,7 +184,7 @@ def test_vfbn_eq3_with_fused_v_f_against_finite_differences():
 
     named = dict(synth.namedparams())
     for name in ('/v_f/res1/conv1/W', '/v_f/res1/bn1/beta', '/v_f/res2/bn1/gamma',
-                 '/v_f/res2/conv2/W', '/v_f/res1/bn2/gamma'):
+                 '/v_f/res2/conv2/W', '/v_f/res1/bn2/gamma', '/v_f/fc/W', '/v_f/fc/b'):
         p = named[name].array
         for index in ((0,) * p.ndim, (1,) + (0,) * (p.ndim - 1)):
             old, eps = p[index], 1e-5
@@ -212,9 +216,9 @@ def test_cross_entropy_value_first_and_second_derivatives_bit_identical(dtype):
     for name, a, b in zip(('CE', 'dCE/dl', 'second derivative'), got, want):
         assert_same(a, b, name)
     counts = []
-    for fused in (True, False):
+    for on in (True, False):
         with Applications() as count:
-            ce_run(logits, y, weights, fused)
+            ce_run(logits, y, weights, on)
         counts.append(count)
     # 3 nodes, and 4 for the weighted sum and its backward (composed: 21 in all).
     assert counts[0].count('CrossEntropyGradGrad') == 1 and counts[0].total == 7
@@ -241,6 +245,75 @@ def test_a_third_derivative_of_the_cross_entropy_is_refused():
         chainer.grad([F.sum(g2)], [l])
 
 
+def head_run(u, y, weights, fused, dtype):
+    """The head's CE; its first derivatives w.r.t. u, W, b; the derivatives of
+    ``sum(weights * dCE/du)`` w.r.t. u, W, b (eq. 3's route)."""
+    with chainer.using_config('dtype', dtype):
+        numpy.random.seed(3)
+        fc = L.Linear(u.shape[1], 5)
+    u = chainer.Variable(u)
+    with chainer.using_config('train', True), chainer.using_config(SWITCH, fused):
+        if fused:
+            ce = vf_head.cross_entropy_of_head(u, fc, y)
+        else:
+            ce = synthesizers.cross_entropy(fc(F.average(u, axis=(2, 3))), y)
+        first = chainer.grad([ce], [u, fc.W, fc.b], enable_double_backprop=True)
+        second = chainer.grad([F.sum(weights * first[0])], [u, fc.W, fc.b])
+    return [ce.array] + [g.array for g in first] + [g.array for g in second]
+
+
+@pytest.mark.parametrize('dtype', [numpy.float32, F64])
+def test_head_value_first_and_second_derivatives_bit_identical(dtype):
+    rng = numpy.random.RandomState(13)
+    u = rng.randn(3, 4, 3, 3).astype(dtype)
+    weights = rng.randn(3, 4, 3, 3).astype(dtype)
+    y = numpy.array([4, 0, 2], numpy.int32)
+    got, want = head_run(u, y, weights, True, dtype), head_run(u, y, weights, False, dtype)
+    names = ['CE', 'dCE/du', 'dCE/dW', 'dCE/db', 'd2/du', 'd2/dW', 'd2/db']
+    for name, g, w in zip(names, got, want):
+        assert g.dtype == w.dtype == dtype
+        assert_same(g, w, name)
+
+
+def test_head_against_finite_differences():
+    """The first derivatives (u, W, b), and eq. 3's route: the derivatives of
+    ``sum(weights * dCE/du)`` w.r.t. u, W and b, by central differences."""
+    rng = numpy.random.RandomState(14)
+    y = numpy.array([1, 3], numpy.intp)
+    weights = rng.randn(2, 3, 2, 2)
+
+    def ce(u, W, b):
+        return vf_head.Head(y).apply((u, W, b))[0]
+
+    def eq3_route(u, W, b):
+        gu, = chainer.grad([ce(u, W, b)], [u], enable_double_backprop=True)
+        return F.sum(weights * gu)
+
+    inputs = (rng.randn(2, 3, 2, 2), rng.randn(5, 3), rng.randn(5))
+    gradient_check.check_backward(ce, inputs, numpy.array(rng.randn()), dtype=F64,
+                                  atol=1e-7, rtol=1e-6)
+    gradient_check.check_backward(eq3_route, inputs, numpy.array(rng.randn()), dtype=F64,
+                                  atol=1e-7, rtol=1e-6)
+
+
+def test_head_refuses_what_it_does_not_compute():
+    rng = numpy.random.RandomState(15)
+    numpy.random.seed(5)
+    fc = L.Linear(3, 5)
+    u = chainer.Variable(rng.randn(2, 3, 2, 2).astype(numpy.float32))
+    y = numpy.array([1, 3], numpy.int32)
+    with chainer.using_config('train', True):
+        ce = vf_head.cross_entropy_of_head(u, fc, y)
+        gu, gW = chainer.grad([ce], [u, fc.W], enable_double_backprop=True)
+        with pytest.raises(NotImplementedError, match="weight or bias gradient"):
+            chainer.grad([F.sum(gW * gW)], [u])
+        g2, = chainer.grad([F.sum(gu * gu)], [u], enable_double_backprop=True)
+        with pytest.raises(NotImplementedError, match='third derivative'):
+            chainer.grad([F.sum(g2)], [u])
+    with pytest.raises(ValueError, match='bias'):
+        vf_head.cross_entropy_of_head(u, L.Linear(3, 5, nobias=True), y)
+
+
 def _iterator():
     rng = numpy.random.RandomState(12)
     images = rng.randint(0, 256, (6, 3, 32, 32)).astype(numpy.uint8)
@@ -249,13 +322,15 @@ def _iterator():
 
 
 def test_vfbn_training_steps_with_every_synthesizer_fast_path_equal_composed():
-    """Three VFBN training steps (alpha_gs = 1e-3, depth 1, float32) with this
-    module, fused.batchnorm and the one-update Adam on, then all off: every network,
-    BN statistic, optimizer state and reported value the same bits."""
+    """Three VFBN training steps (alpha_gs = 1e-3, depth 1, float32) with every fast
+    path of chainer_vfbn.fused on (v_f's units and head, the reductions,
+    fused.batchnorm, the one-update Adam, the network's units), then all off: every
+    network, BN statistic, optimizer state and reported value the same bits."""
     runs = []
     for on in (True, False):
-        with chainer.using_config(SWITCH, on), chainer.using_config('vfbn_fused_adam', on), \
-                chainer.using_config('vfbn_fused_bn_double_backward', on):
+        with contextlib.ExitStack() as switches:
+            for key in fused.SWITCHES:
+                switches.enter_context(chainer.using_config(key, on))
             numpy.random.seed(0)
             setup = methods.build('vfbn', iterator=_iterator(), depth=1, alpha_gs=1e-3)
             reports = []

@@ -42,9 +42,9 @@ PINS = {
                              "forward upper": 3, "backward upper": 8, "eq. 3": 6},
             "rule_calls": {}},
         "vfbn": {
-            "applications": {"forward lower": 5, "synthesizer forward": 5, "delta_hat's gradient": 6,
+            "applications": {"forward lower": 5, "synthesizer forward": 3, "delta_hat's gradient": 3,
                              "backward lower": 6, "forward upper": 3, "backward upper": 8,
-                             "eq. 3": 23},
+                             "eq. 3": 15},
             "rule_calls": {}},
     },
 }

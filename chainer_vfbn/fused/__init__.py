@@ -13,9 +13,10 @@ each twin equal to it:
 - :mod:`chainer_vfbn.fused.batchnorm`: batch normalisation whose double backward
   is one node (the BN links of every composed residual unit; v_f under eq. 3 when
   its units are composed).
-- :mod:`chainer_vfbn.fused.vf_unit` and :mod:`chainer_vfbn.fused.cross_entropy`:
-  v_f's residual units and its cross-entropy (differentiated twice, eq. 6 and 3),
-  each as one node forward, one first derivative, one second derivative.
+- :mod:`chainer_vfbn.fused.vf_unit`, :mod:`chainer_vfbn.fused.vf_head` and
+  :mod:`chainer_vfbn.fused.cross_entropy`: v_f's residual units, its head (pooling,
+  fc and cross-entropy) and a cross-entropy of logits (differentiated twice, eq. 6
+  and 3), each as one node forward, one first derivative, one second derivative.
 - :mod:`chainer_vfbn.fused.reductions`: eq. 3's squared error (every synthesizer's
   loss) in one node forward and one backward, and global average pooling
   (v_f's and the network's head) in one node per derivative.
@@ -32,7 +33,7 @@ import chainer
 SWITCHES = {
     'vfbn_fused_units': True,               # fused.unit for the network's units
     'vfbn_fused_bn_double_backward': True,  # fused.batchnorm in composed units' BN
-    'vfbn_fused_v_f': True,                 # fused.vf_unit, fused.cross_entropy in v_f
+    'vfbn_fused_v_f': True,                 # fused.vf_unit, vf_head, cross_entropy: v_f
     'vfbn_fused_reductions': True,          # fused.reductions: eq. 3, average pooling
     'vfbn_fused_adam': True,                # chainer_vfbn.adam for synthesizers (at build)
 }

@@ -28,6 +28,53 @@ from chainer import backend
 from chainer import function_node
 
 
+def forward(l, y):
+    """``(CE, ls)``: the value and the log-softmax ``ls`` of logits ``l``, as
+    Chainer's ``log_softmax`` (logsumexp), ``select_item``, ``sum``, negation and
+    ``* (1/B)`` compute them."""
+    xp = backend.get_array_module(l)
+    m = l.max(axis=1, keepdims=True)
+    e = l - m
+    xp.exp(e, out=e)
+    s = e.sum(axis=1, keepdims=True)
+    xp.log(s, out=s)
+    m += s
+    ls = l - m
+    picked = ls[xp.arange(y.size), y]
+    total = xp.asarray(picked.sum())
+    return xp.asarray(l.dtype.type(1. / y.size) * -total), ls
+
+
+def grad(ls, y, g):
+    """``(dCE/dl, p, r)`` for an incoming ``g = dL/dCE``: ``g4 - p r`` (module
+    docstring), ``p = exp(ls)``."""
+    xp = backend.get_array_module(ls)
+    g = -xp.asarray(ls.dtype.type(1. / y.size) * g)
+    g4 = xp.zeros(ls.shape, ls.dtype)
+    g4[xp.arange(y.size), y] = xp.broadcast_to(g, y.shape)
+    p = xp.exp(ls)
+    r = g4.sum(axis=1, keepdims=True)
+    return g4 - p * r, p, r
+
+
+def grad_grad(G, p, r, y):
+    """``(dL2/dl, dL2/dg)`` for ``G = dL2/d(dCE/dl)``: Chainer's
+    ``LogSoftmaxGrad.backward``, then ``LogSoftmax``'s backward, in order."""
+    xp = backend.get_array_module(G)
+    g0 = -G * p * r
+    gl = g0 - p * g0.sum(axis=1, keepdims=True)
+    g1 = G - (G * p).sum(axis=1, keepdims=True)
+    picked = g1[xp.arange(y.size), y]
+    return gl, xp.asarray(G.dtype.type(1. / y.size) * -picked.sum())
+
+
+def refuse_third(who, switch):
+    """The error of a third derivative asked through ``who``."""
+    return NotImplementedError(
+        "the third derivative of %s is not implemented by chainer_vfbn.fused; run "
+        "with chainer.using_config('%s', False) for the composed one" % (who, switch))
+
+
 class CrossEntropy(function_node.FunctionNode):
     """``-(1/B) sum_b log softmax(l)_b[y_b]`` for labels ``y`` (an int array)."""
 
@@ -36,19 +83,8 @@ class CrossEntropy(function_node.FunctionNode):
 
     def forward(self, inputs):
         self.retain_inputs((0,))
-        l, = inputs
-        xp = backend.get_array_module(l)
-        # Chainer's _log_softmax (logsumexp) on the CPU path.
-        m = l.max(axis=1, keepdims=True)
-        e = l - m
-        xp.exp(e, out=e)
-        s = e.sum(axis=1, keepdims=True)
-        xp.log(s, out=s)
-        m += s
-        self.ls = l - m
-        picked = self.ls[xp.arange(self.y.size), self.y]
-        total = xp.asarray(picked.sum())
-        return xp.asarray(l.dtype.type(1. / self.y.size) * -total),
+        value, self.ls = forward(inputs[0], self.y)
+        return value,
 
     def backward(self, indexes, grad_outputs):
         l, = self.get_retained_inputs()
@@ -62,14 +98,8 @@ class CrossEntropyGrad(function_node.FunctionNode):
         self.ls, self.y = ce.ls, ce.y
 
     def forward(self, inputs):
-        l, g = inputs
-        xp = backend.get_array_module(l)
-        g = -xp.asarray(l.dtype.type(1. / self.y.size) * g)
-        g4 = xp.zeros(self.ls.shape, self.ls.dtype)
-        g4[xp.arange(self.y.size), self.y] = xp.broadcast_to(g, self.y.shape)
-        self.p = xp.exp(self.ls)
-        self.r = g4.sum(axis=1, keepdims=True)
-        return g4 - self.p * self.r,
+        gl, self.p, self.r = grad(self.ls, self.y, inputs[1])
+        return gl,
 
     def backward(self, indexes, grad_outputs):
         return CrossEntropyGradGrad(self).apply(grad_outputs)
@@ -82,22 +112,11 @@ class CrossEntropyGradGrad(function_node.FunctionNode):
         self.grad = grad
 
     def forward(self, inputs):
-        G, = inputs
         d = self.grad
-        xp = backend.get_array_module(G)
-        # Chainer's LogSoftmaxGrad.backward, then LogSoftmax's backward, in order.
-        g0 = -G * d.p * d.r
-        gl = g0 - d.p * g0.sum(axis=1, keepdims=True)
-        g1 = G - (G * d.p).sum(axis=1, keepdims=True)
-        picked = g1[xp.arange(d.y.size), d.y]
-        gg = xp.asarray(G.dtype.type(1. / d.y.size) * -picked.sum())
-        return gl, gg
+        return grad_grad(inputs[0], d.p, d.r, d.y)
 
     def backward(self, indexes, grad_outputs):
-        raise NotImplementedError(
-            "the third derivative of v_f's cross-entropy is not implemented by "
-            'chainer_vfbn.fused.cross_entropy; run with chainer.using_config('
-            "'vfbn_fused_v_f', False) for the composed one")
+        raise refuse_third("v_f's cross-entropy", 'vfbn_fused_v_f')
 
 
 def cross_entropy(logits, y):

@@ -80,49 +80,62 @@ def squared_error(a, b):
 
 # -- global average pooling ----------------------------------------------------------
 
-class GlobalAverage(function_node.FunctionNode):
+def mean_hw(x):
     """The mean of ``(B, C, H, W)`` maps over the positions: ``Mean``'s forward."""
+    return utils.force_array(x.mean(axis=(2, 3)))
+
+
+class GlobalAverage(function_node.FunctionNode):
+    """:func:`mean_hw` as a node."""
 
     def forward(self, inputs):
         x, = inputs
         self.shape = x.shape
-        return utils.force_array(x.mean(axis=(2, 3))),
+        return mean_hw(x),
 
     def backward(self, indexes, grad_outputs):
         return GlobalAverageGrad(self.shape).apply(grad_outputs)
 
 
+def spread(gy, shape):
+    """``gy / HW`` at every position of ``shape`` ``(B, C, H, W)``, a broadcast view
+    as Chainer's: ``Mean``'s backward (``gy * (1/HW)``, ``reshape``,
+    ``broadcast_to``)."""
+    xp = backend.get_array_module(gy)
+    g = utils.force_array(gy.dtype.type(1. / (shape[2] * shape[3])) * gy)
+    g = g.reshape(shape[:2] + (1, 1))
+    return g if g.shape == shape else xp.broadcast_to(g, shape)
+
+
+def gather(G, shape):
+    """The derivative of :func:`spread`: ``G`` summed over the positions, times
+    ``1/HW``, as the backwards of ``broadcast_to`` (``sum_to``), ``reshape`` and the
+    constant compute it."""
+    summed = utils.sum_to(G, shape[:2] + (1, 1)).reshape(shape[:2])
+    return utils.force_array(G.dtype.type(1. / (shape[2] * shape[3])) * summed)
+
+
 class GlobalAverageGrad(function_node.FunctionNode):
-    """``gy / HW`` at every position, a broadcast view as Chainer's: ``Mean``'s
-    backward (``gy * (1/HW)``, ``reshape``, ``broadcast_to``)."""
+    """:func:`spread` as a node, :class:`GlobalAverage`'s backward."""
 
     def __init__(self, shape):
         self.shape = shape
-        self.multiplier = 1. / (shape[2] * shape[3])
 
     def forward(self, inputs):
-        gy, = inputs
-        xp = backend.get_array_module(gy)
-        g = utils.force_array(gy.dtype.type(self.multiplier) * gy)
-        g = g.reshape(self.shape[:2] + (1, 1))
-        return g if g.shape == self.shape else xp.broadcast_to(g, self.shape),
+        return spread(inputs[0], self.shape),
 
     def backward(self, indexes, grad_outputs):
-        return GlobalAverageGradGrad(self).apply(grad_outputs)
+        return GlobalAverageGradGrad(self.shape).apply(grad_outputs)
 
 
 class GlobalAverageGradGrad(function_node.FunctionNode):
-    """The derivative of :class:`GlobalAverageGrad`: ``G`` summed over the positions,
-    times ``1/HW``, as the backwards of ``broadcast_to`` (``sum_to``), ``reshape``
-    and the constant compute it."""
+    """:func:`gather` as a node, :class:`GlobalAverageGrad`'s backward."""
 
-    def __init__(self, grad):
-        self.shape, self.multiplier = grad.shape, grad.multiplier
+    def __init__(self, shape):
+        self.shape = shape
 
     def forward(self, inputs):
-        G, = inputs
-        summed = utils.sum_to(G, self.shape[:2] + (1, 1)).reshape(self.shape[:2])
-        return utils.force_array(G.dtype.type(self.multiplier) * summed),
+        return gather(inputs[0], self.shape),
 
     def backward(self, indexes, grad_outputs):
         raise RuntimeError(

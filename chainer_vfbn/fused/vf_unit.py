@@ -38,7 +38,6 @@ for bit on the CPU, float32 and float64: forward, running statistics, first and
 second derivatives (tested). On a GPU the composed unit uses cuDNN; this does not.
 """
 import chainer
-import numpy
 from chainer import backend
 from chainer import function_node
 from chainer.functions.normalization import batch_normalization as chainer_bn
