@@ -16,7 +16,9 @@ cost. For backprop, Jaderberg's Linear and VFBN at n = 18 (ResNet-110), it repor
 * every variant of ``hostcost.VARIANTS`` (the composed path, the fused path, each
   lever alone) timed INTERLEAVED in one process: round robin over all runs, the
   order rotated every round; each ratio is taken within a round (paired) and
-  summarised by its median over the rounds;
+  summarised by its median over the rounds; after the warm-up the objects alive
+  are frozen out of Python's collector (``gc.freeze``), whose full collections
+  otherwise land in a step at random;
 * beside each variant, its float64 check against the composed path: the max over
   parameters of ``max|g - g_composed| / max|g_composed|`` of every parameter
   gradient after one step (and the same of the parameters after the update).
@@ -26,6 +28,7 @@ machine shared with other work makes them noisy (the load average is recorded).
 ``--print-pins`` prints the counts at n = 1 in the form tests/test_host_cost.py pins.
 """
 import argparse
+import gc
 import json
 import os
 import platform
@@ -139,6 +142,12 @@ def timing(shape, rounds, warmup):
     cpu = {k: [] for k in keys}
     wall = {k: [] for k in keys}
     for i in range(warmup + rounds):
+        if i == warmup:
+            # The updaters' long-lived objects (networks, optimizer states: made by
+            # now) out of the collector's way: a full collection walks them all, and
+            # lands inside whichever of the interleaved steps is being timed.
+            gc.collect()
+            gc.freeze()
         for k in _round_order(i):
             with hostcost.variant_config(k[1]):
                 c, w = time.process_time(), time.perf_counter()
@@ -147,6 +156,7 @@ def timing(shape, rounds, warmup):
             if i >= warmup:
                 cpu[k].append(c)
                 wall[k].append(w)
+    gc.unfreeze()
     out = {}
     for (method, variant) in keys:
         c, w = cpu[(method, variant)], wall[(method, variant)]

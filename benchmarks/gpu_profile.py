@@ -24,12 +24,12 @@ sys.path[:0] = [os.path.dirname(HERE), os.path.join(HERE, 'device_check')]
 
 # The device check's helpers (importing them also sets CUPY_TF32=0, so both tools
 # time the same fp32 kernels).
-from timing import ResidentBatches, summarize_times, timed_update  # noqa: E402
+from timing import summarize_times, timed_update  # noqa: E402
 
 import chainer  # noqa: E402  (after chainer_vfbn, which the device check imports first)
 import numpy  # noqa: E402
 
-from chainer_vfbn import methods  # noqa: E402
+from chainer_vfbn import hostcost, methods  # noqa: E402
 
 
 def steps(updater, device, n):
@@ -53,7 +53,7 @@ def main():
     res, text = {}, io.StringIO()
     for name, method, alpha in (('bp', 'bp', 0.0), ('vfbn', 'vfbn', 1e-3)):
         numpy.random.seed(0)
-        up = methods.build(method, iterator=ResidentBatches(batches), device=device,
+        up = methods.build(method, iterator=hostcost.FixedBatches(batches), device=device,
                            depth=args.depth, alpha_gs=alpha).updater
         steps(up, device, 3)
         for tc in (True, False):

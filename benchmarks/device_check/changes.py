@@ -6,13 +6,13 @@ import contextlib
 
 import common  # first: chainer_vfbn before Chainer
 from common import log, short_error, to_host, verdict
-from timing import generated_images, quartiles, ResidentBatches, summarize_times, timed_update
+from timing import generated_images, quartiles, summarize_times, timed_update
 
 import chainer
 import chainer.functions as F
 import numpy
 
-from chainer_vfbn import config, data, methods, model, sgd, synthesizers
+from chainer_vfbn import config, data, hostcost, methods, model, sgd, synthesizers
 
 # ---------------------------------------------------------------------------
 # 2b. Changes made to speed up the step, each timed against the code it replaced.
@@ -131,8 +131,8 @@ def changes(args, device, report):
             with contextlib.ExitStack() as stack:
                 for patch in replaced:
                     stack.enter_context(patch())
-                setup = methods.build(method, iterator=ResidentBatches(batches), device=device,
-                                      depth=args.depth, alpha_gs=1e-3)
+                setup = methods.build(method, iterator=hostcost.FixedBatches(batches),
+                                      device=device, depth=args.depth, alpha_gs=1e-3)
             runs[key] = {'updater': setup.updater, 'replaced': replaced, 'times': [],
                          'obs': {}}
         except Exception as e:

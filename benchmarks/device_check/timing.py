@@ -30,24 +30,10 @@ def generated_images(n, seed):
     return numpy.clip(numpy.rint(images), 0, 255).astype(numpy.uint8), labels
 
 
-class ResidentBatches(chainer.dataset.Iterator):
-    """Cycles through a few batches already on the device, so that a timed step is
-    the network's work alone (the host pipeline is timed in section 5)."""
-
-    def __init__(self, batches):
-        self.batches, self.count = batches, 0
-        self.epoch, self.is_new_epoch, self.epoch_detail = 0, False, 0.0
-
-    def __next__(self):
-        batch = self.batches[self.count % len(self.batches)]
-        self.count += 1
-        return batch
-
-    next = __next__
-
-
 def device_batches(args, device):
-    """Four training batches of generated images, already on ``device``."""
+    """Four training batches of generated images, already on ``device`` (cycled by
+    ``hostcost.FixedBatches``, so that a timed step is the network's work alone; the
+    host pipeline is timed in section 5)."""
     images, labels = generated_images(4 * args.batch, args.seed)
     it = data.BatchIterator(data.AugmentedDataset(images, labels), args.batch)
     return [tuple(device.send(a) for a in it.next()) for _ in range(4)]
@@ -57,7 +43,7 @@ def build_run(method, variant, args, device, batches):
     """``methods.build`` of ``method`` (alpha_gs 1e-3) under ``variant``'s switches."""
     numpy.random.seed(args.seed)
     with hostcost.variant_config(variant):
-        return methods.build(method, iterator=ResidentBatches(batches), device=device,
+        return methods.build(method, iterator=hostcost.FixedBatches(batches), device=device,
                              depth=args.depth, alpha_gs=1e-3).updater
 
 
@@ -124,7 +110,7 @@ def timing(args, device, report):
             continue
         try:
             numpy.random.seed(args.seed)
-            setup = methods.build(method, iterator=ResidentBatches(batches), device=device,
+            setup = methods.build(method, iterator=hostcost.FixedBatches(batches), device=device,
                                   depth=args.depth, alpha_gs=alpha_gs)
             obs = {}
             with (cupy_tf32() if tf32 else contextlib.nullcontext()):
@@ -177,7 +163,8 @@ def bp_phases(args, device, batches):
     ``done`` close to ``host`` means that phase is bound by the host. Also the number
     of function applications in each phase (device-independent)."""
     numpy.random.seed(args.seed)
-    setup = methods.build('bp', iterator=ResidentBatches(batches), device=device, depth=args.depth)
+    setup = methods.build('bp', iterator=hostcost.FixedBatches(batches), device=device,
+                          depth=args.depth)
     opt = setup.updater.get_optimizer('main')
     net, (x, t) = opt.target, batches[0]
     names = ('forward', 'backward', 'update')
