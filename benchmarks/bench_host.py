@@ -285,7 +285,7 @@ def markdown(res):
               'On a GPU (backprop <= 71 ms on an H200, VFBN / BP <= 1.15): not '
               'measured with the fused path (`benchmarks/device_check`, sections `paths` and '
               '`graph`). Part of the fused path\'s CPU gain is the CPU\'s alone: its '
-              'im2col and col2im take 3 and 4 NumPy calls where Chainer\'s take about 15 '
+              'im2col and col2im take 3 and 4 NumPy calls where Chainer\'s take about 20 '
               'and 11 (`chainer_vfbn/fused/kernels.py`); on a GPU Chainer\'s are one '
               'kernel each already.', '',
               '## Kernels per residual unit on a GPU (forward + backward)', '']
