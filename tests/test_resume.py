@@ -2,6 +2,7 @@
 ends with exactly the state of the uninterrupted run (across the fused residual unit
 too), and Ctrl-C saves a snapshot that ``--resume`` continues. Same set-up as
 ``test_cli.py`` (depth 1, the small generated CIFAR-10 archive of ``conftest.py``)."""
+import contextlib
 import json
 import os
 import re
@@ -14,6 +15,8 @@ import chainer_vfbn  # noqa: F401  (the NumPy-2 shim precedes `import chainer`)
 import chainer
 import numpy
 import pytest
+
+from chainer_vfbn import fused as chainer_fused
 
 from conftest import (REPO_ROOT, SCRIPT_TIMEOUT, TINY, Applications, read_json, script,
                       short_run, table1_row)
@@ -51,23 +54,28 @@ def test_resume_is_exact(trained, tmp_path, cifar_archive, method, alpha_gs):
 
 
 def test_resume_across_the_fused_unit_is_exact(trained, tmp_path, cifar_archive):
-    """A snapshot taken with the composed residual units (``vfbn_fused_units`` off)
-    resumes with the fused ones, the default, and the run ends as the uninterrupted
-    fused run: every array of its last snapshot (networks, optimizers, iterator, the
-    running RMS s) and its log, entry for entry, but the elapsed time."""
+    """A snapshot taken on the composed path (every switch of chainer_vfbn.fused off:
+    the code before the speed work) resumes on the fused one, the default, and the
+    run ends as the uninterrupted fused run: every array of its last snapshot
+    (networks, optimizers, iterator, the running RMS s) and its log, entry for entry,
+    but the elapsed time."""
     argv = short_run(table1_row('vfbn', 1e-3), iterations=6) + ['--eval-every', 3]
     full, proc = trained(*argv)
     assert proc.returncode == 0, proc.stderr
     part, fused = str(tmp_path / 'part'), Applications()
-    with chainer.using_config('vfbn_fused_units', False), fused:
-        proc = script('train.py', *TINY, '--data-dir', cifar_archive, '--out', part,
-                      *argv, '--iterations', 3)
+    with contextlib.ExitStack() as composed:
+        for key in chainer_fused.SWITCHES:
+            composed.enter_context(chainer.using_config(key, False))
+        with fused:
+            proc = script('train.py', *TINY, '--data-dir', cifar_archive, '--out', part,
+                          *argv, '--iterations', 3)
     assert proc.returncode == 0, proc.stderr
-    assert fused.count('FusedResidualUnit') == 0
+    assert fused.count('FusedResidualUnit') == fused.count('Head') == 0
     with fused:
         proc = script('train.py', '--resume', part, '--iterations', 6)
     assert proc.returncode == 0, proc.stderr
     assert fused.count('FusedResidualUnit') >= 3 * 3   # 3 updates of the network's 3 units
+    assert fused.count('Head') == 3                     # v_f's fused head, once a step
 
     def timeless(log):
         return [{k: v for k, v in entry.items() if k != 'elapsed_time'} for entry in log]
