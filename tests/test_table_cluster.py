@@ -144,10 +144,11 @@ def status(root):
 
 def test_status_of_local_runs(tmp_path, cifar_archive):
     """Stopped with Ctrl-C during its first run: interrupted, then not started; the
-    same command again: finished, and a run whose train.py failed says why."""
+    same command again: finished, and a run whose train.py failed says why. (100
+    iterations, so that the first run cannot finish before the Ctrl-C lands.)"""
     root = tmp_path / 'root'
     argv = ['run', '--out', root, '--depth', '1', '--rows', 'bp', '--seeds', '0', '1',
-            '--', '--data-dir', cifar_archive, *TINY, '--iterations', '30',
+            '--', '--data-dir', cifar_archive, *TINY, '--iterations', '100',
             '--progress-every', '3600']
     proc = subprocess.Popen([sys.executable, '-m', 'chainer_vfbn.table'] + list(map(str, argv)),
                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -170,14 +171,14 @@ def test_status_of_local_runs(tmp_path, cifar_archive):
     assert again.returncode == 0, again.stdout + again.stderr
     done = status(root)
     for folder in ('bp/seed0', 'bp/seed1'):
-        assert re.match(r'%s\s+finished\s+iteration 30 at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\s+-\s+'
+        assert re.match(r'%s\s+finished\s+iteration 100 at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\s+-\s+'
                         r'test error \d+\.\d\d%%$' % folder, done[folder]), done[folder]
 
     # A run whose train.py fails: its last line is its error.
     shutil.rmtree(str(root / 'bp' / 'seed1'))
     failed = run_table('run', '--out', root, '--depth', '1', '--rows', 'bp', '--seeds', '0', '1',
                        '--', '--data-dir', tmp_path / 'no-such-data', *TINY,
-                       '--iterations', '30', '--progress-every', '3600')
+                       '--iterations', '100', '--progress-every', '3600')
     assert failed.returncode == table.EXIT_FAILED
     line = status(root)['bp/seed1']
     assert re.match(r'bp/seed1\s+failed\s+-\s+-\s+exit status 2: '
