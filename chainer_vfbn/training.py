@@ -318,7 +318,10 @@ def run_and_test(args, trainer, setup, snapshot, evaluator, comm, created, test)
     if not os.path.isfile(end):
         snapshot(trainer)
     runs.save_npz(os.path.join(args.out, 'model.npz'), setup.predictor)
-    old_term = signal.signal(signal.SIGTERM, _interrupt)
+    # SIGINT and SIGTERM stop the test, as they stop training (StopOnSignal handles
+    # both there, whatever the process inherited: a job started in the background
+    # has SIGINT ignored, and Python would then keep ignoring it).
+    old = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if args.tta_images is None and n_eval == len(test_x):
             final = evaluator.final(trainer)
@@ -329,7 +332,8 @@ def run_and_test(args, trainer, setup, snapshot, evaluator, comm, created, test)
     except KeyboardInterrupt:
         raise TestInterrupted(setup.updater.iteration, end)
     finally:
-        signal.signal(signal.SIGTERM, old_term)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
     result.update(status='finished', iteration=setup.updater.iteration,
                   epoch=setup.updater.epoch_detail, seconds=trainer.elapsed_time,
                   test_error=final['error'], test_error_single=final['error_single'],
