@@ -130,10 +130,11 @@ class HeadGradGrad(function_node.FunctionNode):
         Gz_ = reductions.gather(G, d.u_shape)
         G_W = _grad_weight(Gz_, d.g_l, W)                  # LinearGradData's backward
         G_l, G_g = cross_entropy.grad_grad(_linear(Gz_, W), d.p, d.r, h.y)
-        grads = {3: G_g}                                   # the forward's Linear:
-        grads[0] = reductions.spread(_grad_data(W, G_l), d.u_shape)
-        grads[1] = G_W + _grad_weight(h.z, G_l, W)
-        grads[2] = _bias_grad(G_l)
+        # Through the forward's l = z W^T + b, then the pooling.
+        grads = {0: reductions.spread(_grad_data(W, G_l), d.u_shape),
+                 1: G_W + _grad_weight(h.z, G_l, W),
+                 2: _bias_grad(G_l),
+                 3: G_g}
         return tuple(grads[i] for i in self.indexes)
 
     def backward(self, indexes, grad_outputs):
