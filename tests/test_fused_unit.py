@@ -17,9 +17,10 @@ import chainer.functions as F
 import numpy
 import pytest
 from chainer import gradient_check
+from chainer.utils import conv
 
 from chainer_vfbn import data, methods, model
-from chainer_vfbn.fused import unit as fused_unit
+from chainer_vfbn.fused import kernels, unit as fused_unit
 from conftest import Applications
 
 F64 = numpy.float64
@@ -123,6 +124,34 @@ def test_fused_unit_in_float32_on_each_device(c_in, c_out, stride, device):
         else:
             numpy.testing.assert_allclose(got, want, rtol=1e-4,
                                           atol=1e-5 * float(abs(want).max()), err_msg=name)
+
+
+@pytest.mark.parametrize('dtype', [numpy.float32, F64])
+@pytest.mark.parametrize('k, stride, pad, shape', [
+    (3, 1, 1, (2, 3, 5, 5)), (3, 2, 1, (3, 4, 7, 6)), (1, 2, 0, (2, 3, 6, 6)),
+    (3, 1, 1, (2, 8, 16, 16)),      # col2im: 2**12 elements, gathered
+    (3, 1, 1, (4, 16, 24, 24)),     # col2im: 36864 > GATHER_MAX, Chainer's adds
+])
+def test_im2col_and_col2im_are_chainers_bit_for_bit(dtype, k, stride, pad, shape):
+    """The fewer-call CPU im2col and col2im against Chainer's: the same values and
+    layout (im2col copies, negative zeros included); col2im the same sums, on random
+    terms whose last bits show any change of order (a reversed order fails), on
+    both sides of GATHER_MAX."""
+    rng = numpy.random.RandomState(sum(shape))
+    x = rng.randn(*shape).astype(dtype)
+    x[0, 0, 0, :2] = -0.0
+    want = conv.im2col_cpu(x, k, k, stride, stride, pad, pad)
+    got = kernels.im2col_cpu(x, k, stride, pad)
+    assert got.dtype == want.dtype and got.strides == want.strides
+    numpy.testing.assert_array_equal(got, want)
+    numpy.testing.assert_array_equal(numpy.signbit(got), numpy.signbit(want))  # copies
+    col = rng.randn(*want.shape).astype(dtype)
+    h, w = shape[2:]
+    want = conv.col2im_cpu(col, stride, stride, pad, pad, h, w)
+    got = kernels.col2im_cpu(col, stride, pad, h, w)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    numpy.testing.assert_array_equal(got, want)
+    assert (shape[0] * shape[1] * h * w > kernels.GATHER_MAX) == (shape[1] == 16)
 
 
 @pytest.mark.parametrize('c_in, c_out, stride', [(3, 3, 1), (3, 4, 2)])
