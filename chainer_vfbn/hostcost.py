@@ -238,30 +238,18 @@ def fixed_batches(batch, size, dtype=numpy.float32, seed=0, count=2):
             for _ in range(count)]
 
 
-@contextlib.contextmanager
-def _stem_channels(channels):
-    """``model.Lower`` reads ``config.STEM_CHANNELS`` when it is built; narrower here."""
-    saved, config.STEM_CHANNELS = config.STEM_CHANNELS, channels
-    try:
-        yield
-    finally:
-        config.STEM_CHANNELS = saved
-
-
 def build_networks(method, n, width_divisor=1):
     """:func:`chainer_vfbn.methods.build_networks` for ``method`` with every width
     (conv1's, each block's, and so the synthesizer's) divided by ``width_divisor``.
     The graph, and so every count, is that of the paper's network; only the arrays
     shrink. Same structure as ``methods.build_networks``: the paper's split, the
-    synthesizer on the lower half's last channels. (``model.unit_specs`` takes the
-    widths; conv1's is ``config.STEM_CHANNELS``, set for the build.)"""
+    synthesizer on the lower half's last channels."""
     if width_divisor == 1:
         return methods.build_networks(method, depth=n)
     stem = config.STEM_CHANNELS // width_divisor
     channels = tuple(c // width_divisor for c in config.BLOCK_CHANNELS)
     specs, split = model.unit_specs(n, channels, stem), model.paper_split(n)
-    with _stem_channels(stem):
-        lower = model.Lower(specs[:split])
+    lower = model.Lower(specs[:split], stem)
     upper = model.Upper(specs[split:], specs[split - 1][1])
     if method == 'bp':
         net = model.Net(lower, upper)

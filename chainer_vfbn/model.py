@@ -96,14 +96,14 @@ def split_name(n, split=None, splits=None):
 
 
 class Lower(chainer.Chain):
-    """conv1 (+ BN + ReLU) and residual units ``[0, split)``: x -> h."""
+    """conv1 (+ BN + ReLU) and residual units ``[0, split)``: x -> h. ``stem``: conv1's
+    channels (the paper's 16; narrower for the host-cost proxy)."""
 
-    def __init__(self, specs):
+    def __init__(self, specs, stem=config.STEM_CHANNELS):
         super().__init__()
         with self.init_scope():
-            self.conv1 = L.Convolution2D(3, config.STEM_CHANNELS, 3, 1, 0,
-                                         initialW=initializers.HeNormal())
-            self.bn1 = L.BatchNormalization(config.STEM_CHANNELS)
+            self.conv1 = L.Convolution2D(3, stem, 3, 1, 0, initialW=initializers.HeNormal())
+            self.bn1 = L.BatchNormalization(stem)
             self.units = chainer.ChainList(*[ResidualUnit(*s) for s in specs])
 
     def forward(self, x):
